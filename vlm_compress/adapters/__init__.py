@@ -1,0 +1,33 @@
+"""Model-family adapters and the lookup from a model instance to its adapter."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter, ImageBatch
+from .llava import LlavaAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+
+
+def supported_model_classes() -> list[str]:
+    return [name for adapter in ADAPTERS for name in adapter.model_class_names]
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model``'s class; a ``TypeError`` naming the supported classes otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress() expects a transformers model (torch.nn.Module), got {type(model).__name__}")
+    name = type(model).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.model_class_names:
+            return adapter(model)
+    hint = ""
+    if name.endswith("Model") and hasattr(model, "language_model"):
+        hint = " Pass the *ForConditionalGeneration model (the one with the LM head), not its base model."
+    raise TypeError(
+        f"{name} is not supported yet. Supported model classes: {', '.join(supported_model_classes())}.{hint}"
+    )
+
+
+__all__ = ["Adapter", "ImageBatch", "get_adapter", "supported_model_classes"]

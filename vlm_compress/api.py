@@ -1,0 +1,233 @@
+"""The public entry points: ``compress``, ``restore``, ``compressed``; argument validation; ``model.compression``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import pruners  # noqa: F401  (registers the built-in methods)
+from .adapters import Adapter, get_adapter
+from .budget import validate_budget
+from .config import MethodConfig
+from .patching import patch_method, unpatch_all
+from .registry import get_method
+from .stages.encoder import EncoderStage, RewrittenInputs
+from .stats import CompressionStats
+
+DEFAULT_BUDGET = 0.2
+_STATE_ATTR = "compression"
+
+
+@dataclasses.dataclass
+class CompressionState:
+    """What ``compress`` attached to a model as ``model.compression``.
+
+    ``configs``: the active method configs (budgets resolved). ``stats``: :class:`CompressionStats` of the last
+    compressed forward/generate (``None`` before the first one, or after a text-only call).
+    ``last``: the last :class:`RewrittenInputs` (kept indices, keep mask), for inspection and overlays.
+    """
+
+    configs: list[MethodConfig]
+    adapter: Adapter
+    encoder: EncoderStage | None
+    stats: CompressionStats | None = None
+    last: RewrittenInputs | None = None
+
+    @property
+    def config(self) -> MethodConfig | list[MethodConfig]:
+        return self.configs[0] if len(self.configs) == 1 else self.configs
+
+
+def _resolve_configs(
+    method: str | MethodConfig | Sequence[str | MethodConfig], budget: float | int | None, kwargs: dict[str, Any]
+) -> list[MethodConfig]:
+    items = list(method) if isinstance(method, (list, tuple)) else [method]
+    if not items:
+        raise ValueError("method list is empty; pass a method name such as 'cls_attn'")
+    if kwargs and (len(items) > 1 or isinstance(items[0], MethodConfig)):
+        raise TypeError(
+            f"method options {sorted(kwargs)} are only accepted with a single method name; "
+            "when stacking or passing config objects, set options on the configs"
+        )
+    if budget is not None:
+        budget = validate_budget(budget)
+    configs = []
+    for item in items:
+        if isinstance(item, MethodConfig):
+            config = item
+        elif isinstance(item, str):
+            config = get_method(item).create(**kwargs)
+        else:
+            raise TypeError(f"method must be a name, a MethodConfig, or a list of them; got {type(item).__name__}")
+        if config.budget is None:
+            config = dataclasses.replace(config, budget=budget if budget is not None else DEFAULT_BUDGET)
+        elif budget is not None and config.budget != budget:
+            raise ValueError(
+                f"budget={budget!r} conflicts with {config.name!r} config budget={config.budget!r}; set it in one place"
+            )
+        else:
+            config = dataclasses.replace(config)
+        validate_budget(config.budget)
+        configs.append(config)
+    stages = [c.stage for c in configs]
+    duplicated = sorted({s for s in stages if stages.count(s) > 1})
+    if duplicated:
+        raise ValueError(
+            f"stacking needs methods of different stages; got several {duplicated[0]}-stage methods "
+            f"({', '.join(c.name for c in configs if c.stage == duplicated[0])})"
+        )
+    return configs
+
+
+def compress(
+    model: nn.Module,
+    budget: float | int | None = None,
+    method: str | MethodConfig | Sequence[str | MethodConfig] = "cls_attn",
+    **method_kwargs: Any,
+) -> nn.Module:
+    """Compress the visual tokens of ``model`` in place and return it.
+
+    Args:
+        model: a supported transformers VLM (see :func:`vlm_compress.adapters.supported_model_classes`).
+        budget: float in (0, 1], the share of visual tokens kept (layer-averaged), or int >= 1, visual tokens
+            kept per image; default 0.2. May instead be set on a config object.
+        method: a registered name (:func:`list_methods`), a config object, or a list of them (one per stage).
+        **method_kwargs: options of a single named method, e.g. ``compress(m, 0.2, "cls_attn", layer=-3)``.
+
+    After this, ``model(**inputs)`` and ``model.generate(**inputs)`` take the stock processor's inputs and run on
+    the compressed prompt; ``model.compression.stats`` describes the last call; ``restore(model)`` undoes it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress() expects a transformers model (torch.nn.Module), got {type(model).__name__}")
+    if isinstance(model.__dict__.get(_STATE_ATTR), CompressionState):
+        active = ", ".join(c.name for c in model.__dict__[_STATE_ATTR].configs)
+        raise ValueError(
+            f"this model is already compressed (method {active}); call vlm_compress.restore(model) first, "
+            "or pass method=[...] in one compress() call to stack methods"
+        )
+    adapter = get_adapter(model)
+    configs = _resolve_configs(method, budget, method_kwargs)
+    encoder_configs = [c for c in configs if c.stage == "encoder"]
+    unsupported = [c for c in configs if c.stage != "encoder"]
+    if unsupported:
+        raise NotImplementedError(f"stage {unsupported[0].stage!r} is not available yet")
+    encoder = EncoderStage(adapter, encoder_configs[0]) if encoder_configs else None
+    state = CompressionState(configs=configs, adapter=adapter, encoder=encoder)
+    if encoder is not None:
+        patch_method(model, "forward", lambda original: _compressed_forward(model, state, original))
+        patch_method(model, "generate", lambda original: _compressed_generate(model, state, original))
+    model.__dict__[_STATE_ATTR] = state
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo :func:`compress`: remove every patch and ``model.compression``. Outputs are the untouched model's."""
+    if not isinstance(model.__dict__.get(_STATE_ATTR), CompressionState):
+        raise ValueError("this model is not compressed; nothing to restore")
+    unpatch_all(model)
+    del model.__dict__[_STATE_ATTR]
+    return model
+
+
+@contextlib.contextmanager
+def compressed(
+    model: nn.Module,
+    budget: float | int | None = None,
+    method: str | MethodConfig | Sequence[str | MethodConfig] = "cls_attn",
+    **method_kwargs: Any,
+) -> Iterator[nn.Module]:
+    """``with compressed(model, 0.1, "visionzip"): ...`` compresses for the scope and restores on exit."""
+    compress(model, budget, method, **method_kwargs)
+    try:
+        yield model
+    finally:
+        restore(model)
+
+
+_IMAGE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+
+
+def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs | None:
+    """Compress the inputs of one call in place in ``call``; ``None`` (and ``call`` untouched) if not applicable."""
+    pixel_values = call.get("pixel_values")
+    input_ids = call.get("input_ids")
+    if pixel_values is None or call.get("mm_encoder_outputs") is not None:
+        return None
+    if input_ids is None:
+        raise ValueError(
+            "a compressed model needs input_ids (not inputs_embeds) to find the image placeholders; "
+            "pass the processor's input_ids"
+        )
+    image_kwargs = {k: call[k] for k in _IMAGE_KWARGS if call.get(k) is not None}
+    rewritten = state.encoder.run(
+        input_ids,
+        pixel_values,
+        attention_mask=call.get("attention_mask"),
+        labels=call.get("labels"),
+        position_ids=call.get("position_ids"),
+        image_kwargs=image_kwargs,
+    )
+    if rewritten is None:
+        return None
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    for key in ("pixel_values", *_IMAGE_KWARGS):
+        call.pop(key, None)
+    call.update(
+        input_ids=rewritten.input_ids,
+        attention_mask=rewritten.attention_mask,
+        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=rewritten.image_features)},
+    )
+    if rewritten.labels is not None:
+        call["labels"] = rewritten.labels
+    if rewritten.position_ids is not None:
+        call["position_ids"] = rewritten.position_ids
+    state.stats, state.last = rewritten.stats, rewritten
+    return rewritten
+
+
+def _compressed_forward(model: nn.Module, state: CompressionState, original: Any):
+    signature = inspect.signature(original)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        call = {k: v for k, v in bound.arguments.items() if k != "kwargs"}
+        call.update(bound.arguments.get("kwargs", {}))
+        cache = call.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            return original(**call)
+        _rewrite(state, call)
+        return original(**call)
+
+    return forward
+
+
+def _compressed_generate(model: nn.Module, state: CompressionState, original: Any):
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        call = dict(kwargs)
+        if args:
+            if "input_ids" in call or "inputs" in call:
+                raise TypeError("generate() got input_ids both positionally and by keyword")
+            call["input_ids"], args = args[0], args[1:]
+        if "inputs" in call:
+            call["input_ids"] = call.pop("inputs")
+        prompt = call.get("input_ids")
+        rewritten = _rewrite(state, call)
+        out = original(*args, **call)
+        if rewritten is None or prompt is None:
+            return out
+        # give back the prompt the caller passed, so `out[:, prompt_len:]` still slices the new tokens
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
+        sequences = torch.cat([prompt, sequences[:, rewritten.input_ids.shape[1] :]], dim=1)
+        if isinstance(out, torch.Tensor):
+            return sequences
+        out.sequences = sequences
+        return out
+
+    return generate

@@ -1,0 +1,39 @@
+"""Budget convention (DESIGN.md principle 4): validation and budget → token counts."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def validate_budget(budget: object) -> float | int:
+    """Return ``budget`` if valid, else raise a ``TypeError``/``ValueError`` that says what to pass."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(
+            f"budget must be a float in (0, 1] (share of visual tokens kept) or an int >= 1 "
+            f"(visual tokens kept per image), got {type(budget).__name__}"
+        )
+    if isinstance(budget, numbers.Integral):
+        if budget < 1:
+            raise ValueError(f"an int budget counts visual tokens kept per image and must be >= 1, got {budget}")
+        return int(budget)
+    budget = float(budget)
+    if not (0.0 < budget <= 1.0) or math.isnan(budget):
+        hint = " (for an absolute token count pass an int, e.g. budget=64)" if budget > 1 else ""
+        raise ValueError(f"a float budget is the share of visual tokens kept and must be in (0, 1], got {budget}{hint}")
+    return budget
+
+
+def tokens_to_keep(budget: float | int, num_tokens: int) -> int:
+    """Visual tokens to keep out of ``num_tokens``.
+
+    Float: ``round(budget * num_tokens)`` (halves round up), at least 1. Int: the int itself. Both are capped at
+    ``num_tokens``, so an int larger than the image's token count keeps everything.
+    """
+    if num_tokens <= 0:
+        return 0
+    if isinstance(budget, float):
+        count = math.floor(budget * num_tokens + 0.5)
+    else:
+        count = int(budget)
+    return max(1, min(num_tokens, count))

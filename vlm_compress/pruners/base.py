@@ -1,0 +1,93 @@
+"""Base of encoder-stage methods: what a pruner sees (:class:`EncoderContext`) and returns (:class:`EncoderSelection`).
+
+A pruner is a :class:`MethodConfig` dataclass with one job: from scores and image structure to kept tokens.
+Hooks, input rewriting and statistics live in :mod:`vlm_compress.stages.encoder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from ..adapters.base import ImageBatch
+from ..config import MethodConfig
+from ..ops import HeadReduce, ScoreKind, gather_tokens
+from ..scoring import AttentionCapture
+
+
+@dataclasses.dataclass
+class EncoderContext:
+    """Inputs of one selection call over ``I`` images with ``N`` visual tokens each.
+
+    ``keep[i]`` is the number of tokens image ``i`` must come out with; ``image_index_in_prompt[i]`` its rank
+    among the images of its own prompt (batch-invariant, unlike the flat index ``i``).
+    """
+
+    images: ImageBatch
+    keep: list[int]
+    image_index_in_prompt: list[int]
+    capture: AttentionCapture
+
+    @property
+    def features(self) -> torch.Tensor:
+        """``[I, N, D]`` projected visual tokens."""
+        return self.images.features
+
+    @property
+    def num_tokens(self) -> int:
+        return self.images.features.shape[1]
+
+    def cls_attention(self, layer: int, head_reduce: HeadReduce = "mean", kind: ScoreKind = "probs") -> torch.Tensor:
+        """CLS→token attention of vision ``layer`` aligned with the visual tokens: ``[I, N]`` float32."""
+        rows = self.capture.first_row_attention(layer, head_reduce, kind)
+        return rows[:, self.images.tower_offset : self.images.tower_offset + self.num_tokens]
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """Head-mean keys of vision ``layer`` aligned with the visual tokens: ``[I, N, head_dim]``."""
+        keys = self.capture.head_mean_keys(layer)
+        return keys[:, self.images.tower_offset : self.images.tower_offset + self.num_tokens]
+
+    def uniform_keep(self) -> int:
+        """The common ``keep`` count; raises if images differ (LLaVA-1.5 images all have the same N)."""
+        if len(set(self.keep)) != 1:
+            raise ValueError(f"this pruner needs one token count for all images, got {sorted(set(self.keep))}")
+        return self.keep[0]
+
+
+@dataclasses.dataclass
+class EncoderSelection:
+    """Result of a pruner, per image.
+
+    features: ``[k_i, D]`` tokens to feed to the LLM, in the order they will be placed.
+    kept_index: ``[k_i]`` index of the source token of each output (the representative for merged tokens).
+    merged_into: optional ``[N]`` output slot each source token went into (-1 if dropped), for overlays.
+    """
+
+    features: list[torch.Tensor]
+    kept_index: list[torch.Tensor]
+    merged_into: list[torch.Tensor] | None = None
+
+    @classmethod
+    def from_indices(cls, features: torch.Tensor, index: torch.Tensor) -> "EncoderSelection":
+        """Selection by gathering ``features`` [I, N, D] at sorted ``index`` [I, k]."""
+        return cls(features=list(gather_tokens(features, index).unbind(0)), kept_index=list(index.unbind(0)))
+
+
+@dataclasses.dataclass
+class EncoderPruner(MethodConfig):
+    """Encoder-stage method: choose or merge visual tokens before they enter the LLM."""
+
+    stage: ClassVar[str] = "encoder"
+
+    def attention_layers(self) -> tuple[int, ...]:
+        """Vision-tower layers whose queries/keys :meth:`select` reads (empty: no hooks)."""
+        return ()
+
+    def output_count(self, keep: int, images: ImageBatch) -> int:
+        """Tokens this method outputs for a budget of ``keep`` (a pooling grid may give fewer)."""
+        return keep
+
+    def select(self, ctx: EncoderContext) -> EncoderSelection:
+        raise NotImplementedError

@@ -1,0 +1,31 @@
+"""``cls_attn``: keep the visual tokens the vision tower's CLS attends to most, in raster order.
+
+The common core of FasterVLM/VisionZip-dominant/HiRED-selection: top-k of the CLS→patch attention of the
+layer whose output feeds the LLM (ViT layer 22 of 24 for LLaVA-1.5; reference §1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..ops import topk_indices
+from ..registry import register_method
+from .base import EncoderContext, EncoderPruner, EncoderSelection
+
+
+@register_method("cls_attn")
+@dataclasses.dataclass
+class ClsAttnPruner(EncoderPruner):
+    layer: int = dataclasses.field(
+        default=-2,
+        metadata={"help": "Vision-tower layer whose CLS row scores tokens; -2 is the layer LLaVA-1.5 takes features from."},
+    )
+    head_reduce: str = dataclasses.field(default="mean", metadata={"help": "Reduce heads by 'mean', 'sum' or 'max'."})
+    kind: str = dataclasses.field(default="probs", metadata={"help": "'probs' (post-softmax) or 'logits'."})
+
+    def attention_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def select(self, ctx: EncoderContext) -> EncoderSelection:
+        scores = ctx.cls_attention(self.layer, self.head_reduce, self.kind)
+        return EncoderSelection.from_indices(ctx.features, topk_indices(scores, ctx.uniform_keep()))

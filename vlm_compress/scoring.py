@@ -1,0 +1,68 @@
+"""Attention rows of a vision tower without ``output_attentions``.
+
+Forward hooks on ``q_proj``/``k_proj`` of the requested encoder layers keep the projections the tower computes
+anyway (the query of the first token only, unless every row is asked for), so the tower runs with SDPA or
+FlashAttention and we compute just the rows we need (HiRED, arXiv 2408.10945, does the same).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import HeadReduce, ScoreKind, row_attention
+
+
+class AttentionCapture:
+    """Context manager capturing queries and keys of some attention modules during one tower forward.
+
+    attention_modules: ``{layer_index: attention module}``; each module must have ``q_proj``, ``k_proj``,
+    ``num_heads``, ``head_dim`` and ``scale``. Hooks exist only inside the ``with`` block.
+    """
+
+    def __init__(self, attention_modules: dict[int, nn.Module], all_query_rows: bool = False):
+        self.modules = attention_modules
+        self.all_query_rows = all_query_rows
+        self.queries: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "AttentionCapture":
+        for layer, attn in self.modules.items():
+            self._handles.append(attn.q_proj.register_forward_hook(self._store(self.queries, layer, query=True)))
+            self._handles.append(attn.k_proj.register_forward_hook(self._store(self.keys, layer, query=False)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _store(self, bucket: dict[int, torch.Tensor], layer: int, query: bool):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            out = output.detach()
+            bucket[layer] = out if (not query or self.all_query_rows) else out[:, :1].clone()
+
+        return hook
+
+    def _split_heads(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        attn = self.modules[layer]
+        return x.view(*x.shape[:2], attn.num_heads, attn.head_dim)
+
+    def _require(self, layer: int) -> None:
+        if layer not in self.keys:
+            raise RuntimeError(
+                f"no keys captured for vision layer {layer}; the pruner must list it in attention_layers()"
+            )
+
+    def first_row_attention(self, layer: int, head_reduce: HeadReduce = "mean", kind: ScoreKind = "probs") -> torch.Tensor:
+        """Attention of the first token (CLS) to every token of ``layer``: ``[I, T]`` float32."""
+        self._require(layer)
+        q = self._split_heads(layer, self.queries[layer][:, :1])
+        k = self._split_heads(layer, self.keys[layer])
+        return row_attention(q, k, self.modules[layer].scale, head_reduce, kind)[:, 0]
+
+    def head_mean_keys(self, layer: int) -> torch.Tensor:
+        """Keys of ``layer`` averaged over heads: ``[I, T, head_dim]``."""
+        self._require(layer)
+        return self._split_heads(layer, self.keys[layer]).mean(dim=2)

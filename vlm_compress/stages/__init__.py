@@ -1,0 +1,3 @@
+from .encoder import EncoderStage, RewrittenInputs
+
+__all__ = ["EncoderStage", "RewrittenInputs"]

@@ -1,0 +1,173 @@
+"""Encoder stage: select or merge visual tokens before the LLM and shorten the prompt to match.
+
+Given the stock processor's inputs (every image expanded to its full placeholder count), :meth:`EncoderStage.run`
+encodes the images with score hooks, lets the pruner choose ``k_i`` tokens per image, keeps the first ``k_i``
+placeholders of each image's run, drops the rest from ``input_ids``/``attention_mask``/``labels``, and re-pads the
+rows on their original side. Positions become contiguous (``cumsum(attention_mask) - 1`` in ``generate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from ..adapters.base import Adapter
+from ..budget import tokens_to_keep
+from ..pruners.base import EncoderContext, EncoderPruner, EncoderSelection
+from ..scoring import AttentionCapture
+from ..stats import CompressionStats, kv_cache_bytes, prefill_flops
+
+
+@dataclasses.dataclass
+class RewrittenInputs:
+    """The shortened prompt and the features that fill its placeholders (``[k_i, D]`` per image)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    image_features: list[torch.Tensor]
+    keep_mask: torch.Tensor  # [B, L] which original positions survive
+    selection: EncoderSelection
+    stats: CompressionStats
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def repack_rows(
+    values: torch.Tensor, keep: torch.Tensor, fill: int, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact the ``keep`` entries of each row of ``values`` [B, L] and pad to the longest row.
+
+    Returns ``(packed [B, L'], new_mask [B, L'])``; padding goes left when ``left`` (as generation needs).
+    """
+    lengths = keep.sum(dim=1)
+    width = int(lengths.max()) if keep.numel() else 0
+    rank = keep.long().cumsum(dim=1) - 1
+    column = rank + (width - lengths).unsqueeze(1) if left else rank
+    packed = torch.full((values.shape[0], width), fill, dtype=values.dtype, device=values.device)
+    mask = torch.zeros((values.shape[0], width), dtype=torch.long, device=values.device)
+    rows = torch.arange(values.shape[0], device=values.device).unsqueeze(1).expand_as(keep)
+    packed[rows[keep], column[keep]] = values[keep]
+    mask[rows[keep], column[keep]] = 1
+    return packed, mask
+
+
+class EncoderStage:
+    """Runs one encoder-stage pruner on a model through its adapter."""
+
+    def __init__(self, adapter: Adapter, pruner: EncoderPruner):
+        self.adapter = adapter
+        self.pruner = pruner
+        self._attention = {layer: adapter.vision_attention(layer) for layer in pruner.attention_layers()}
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        image_kwargs: dict[str, Any] | None = None,
+    ) -> RewrittenInputs | None:
+        """Compress one call's inputs; ``None`` when there is nothing to compress (no placeholders)."""
+        image_mask = input_ids == self.adapter.image_token_id
+        if not bool(image_mask.any()):
+            return None
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        device = input_ids.device
+
+        t0 = _now(device)
+        with AttentionCapture(self._attention) as capture:
+            images = self.adapter.encode_images(pixel_values, **(image_kwargs or {}))
+        t1 = _now(device)
+
+        num_images, num_tokens = images.features.shape[:2]
+        placeholders = int(image_mask.sum())
+        if placeholders != num_images * num_tokens:
+            raise ValueError(
+                f"the prompt has {placeholders} image placeholder tokens but {num_images} image(s) give "
+                f"{num_images * num_tokens} visual tokens ({num_tokens} each); build inputs with the model's "
+                f"processor, which expands each image token to {num_tokens} placeholders"
+            )
+        width = input_ids.shape[1]
+        flat_positions = image_mask.flatten().nonzero().squeeze(1).view(num_images, num_tokens)
+        sample_of_image = (flat_positions[:, 0] // width).tolist()
+        rank_in_prompt = [sample_of_image[:i].count(s) for i, s in enumerate(sample_of_image)]
+
+        budget = self.pruner.budget
+        keep = [self.pruner.output_count(tokens_to_keep(budget, num_tokens), images)] * num_images
+        ctx = EncoderContext(images=images, keep=keep, image_index_in_prompt=rank_in_prompt, capture=capture)
+        selection = self.pruner.select(ctx)
+        t2 = _now(device)
+        for i, (feats, k) in enumerate(zip(selection.features, keep)):
+            if feats.shape[0] != k:
+                raise RuntimeError(f"{self.pruner.name} returned {feats.shape[0]} tokens for image {i}, expected {k}")
+
+        keep_flat = ~image_mask.flatten()
+        for positions, k in zip(flat_positions, keep):
+            keep_flat[positions[:k]] = True
+        keep_mask = keep_flat.view_as(input_ids)
+        valid = attention_mask.bool()
+        survive = keep_mask & valid
+        left = not bool((attention_mask[:, -1] == 0).any())
+        pad_id = getattr(self.adapter.text_config, "pad_token_id", None)
+        new_ids, new_mask = repack_rows(input_ids, survive, pad_id if pad_id is not None else 0, left)
+        new_labels = repack_rows(labels, survive, -100, left)[0] if labels is not None else None
+        new_positions = None
+        if position_ids is not None:
+            new_positions = (new_mask.cumsum(dim=1) - 1).masked_fill(new_mask == 0, 0)
+
+        stats = self._stats(valid, survive, keep, num_tokens, images.features.dtype, t1 - t0, t2 - t1)
+        return RewrittenInputs(
+            input_ids=new_ids,
+            attention_mask=new_mask.to(attention_mask.dtype),
+            labels=new_labels,
+            position_ids=new_positions,
+            image_features=selection.features,
+            keep_mask=keep_mask,
+            selection=selection,
+            stats=stats,
+        )
+
+    def _stats(
+        self,
+        valid: torch.Tensor,
+        survive: torch.Tensor,
+        keep: list[int],
+        num_tokens: int,
+        dtype: torch.dtype,
+        encode_s: float,
+        select_s: float,
+    ) -> CompressionStats:
+        text_config = self.adapter.text_config
+        layers = text_config.num_hidden_layers
+        full_lengths = valid.sum(dim=1).tolist()
+        new_lengths = survive.sum(dim=1).tolist()
+        full = [[n] * layers for n in full_lengths]
+        compressed = [[n] * layers for n in new_lengths]
+        element = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+        kept = sum(keep)
+        return CompressionStats(
+            images=len(keep),
+            visual_tokens_in=num_tokens * len(keep),
+            visual_tokens_kept=kept,
+            layer_avg_visual_tokens=kept / len(keep),
+            prompt_tokens_in=sum(full_lengths),
+            prompt_tokens_llm=sum(new_lengths),
+            prefill_flops=prefill_flops(compressed, text_config),
+            prefill_flops_full=prefill_flops(full, text_config),
+            kv_cache_bytes=kv_cache_bytes(compressed, text_config, element),
+            kv_cache_bytes_full=kv_cache_bytes(full, text_config, element),
+            encode_ms=encode_s * 1e3,
+            select_ms=select_s * 1e3,
+            kept_per_image=list(keep),
+        )

@@ -1,0 +1,81 @@
+"""What one compressed forward/generate cost: token counts, a FLOPs model, KV-cache bytes, selection time."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+
+@dataclasses.dataclass
+class CompressionStats:
+    """Statistics of the last prefill that went through a compressed model (whole batch).
+
+    Token counts are totals over the batch; ``*_per_image`` are the per-image means. ``layer_avg_visual_tokens``
+    follows DESIGN.md's equal-cost convention (visual tokens averaged over LLM layers, per image).
+    """
+
+    images: int
+    visual_tokens_in: int
+    visual_tokens_kept: int  # entering the LLM
+    layer_avg_visual_tokens: float  # per image
+    prompt_tokens_in: int  # non-padding prompt tokens before compression
+    prompt_tokens_llm: int  # non-padding prompt tokens entering the LLM
+    prefill_flops: float
+    prefill_flops_full: float
+    kv_cache_bytes: int
+    kv_cache_bytes_full: int
+    encode_ms: float  # vision tower + projector, including score capture
+    select_ms: float  # scoring and selection/merging, excluding the tower
+    kept_per_image: list[int]
+
+    @property
+    def visual_tokens_per_image_in(self) -> float:
+        return self.visual_tokens_in / max(self.images, 1)
+
+    @property
+    def visual_tokens_per_image_kept(self) -> float:
+        return self.visual_tokens_kept / max(self.images, 1)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.visual_tokens_kept / max(self.visual_tokens_in, 1)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.prefill_flops / max(self.prefill_flops_full, 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(kept_fraction=self.kept_fraction, flops_ratio=self.flops_ratio)
+        return out
+
+
+def _text_dims(text_config: Any) -> tuple[int, int, int, int, int, int]:
+    d = text_config.hidden_size
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or d // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    return d, heads * head_dim, kv_heads * head_dim, text_config.intermediate_size, text_config.num_hidden_layers, head_dim
+
+
+def layer_flops(n: int, text_config: Any) -> float:
+    """FLOPs of one decoder layer on ``n`` tokens (prefill, no cache).
+
+    ``2·[n·d·(2·d_q + 2·d_kv) + 2·n²·d_q + 3·n·d·m]``: q/o and k/v projections, QKᵀ and AV over the full n×n
+    square (causal masking not credited), and the gated MLP; 2 FLOPs per multiply-add. With d_q = d_kv = d this
+    is twice SparseVLM's per-layer count ``4nd² + 2n²d + 3ndm``. Norms, RoPE and softmax are ignored.
+    """
+    d, d_q, d_kv, m, _, _ = _text_dims(text_config)
+    return 2.0 * (n * d * (2 * d_q + 2 * d_kv) + 2 * n * n * d_q + 3 * n * d * m)
+
+
+def prefill_flops(tokens_per_layer: Sequence[Sequence[int]], text_config: Any) -> float:
+    """Sum of :func:`layer_flops` over samples and layers. tokens_per_layer: ``[batch][layer]`` token counts."""
+    return sum(layer_flops(n, text_config) for sample in tokens_per_layer for n in sample)
+
+
+def kv_cache_bytes(tokens_per_layer: Sequence[Sequence[int]], text_config: Any, element_size: int) -> int:
+    """Bytes of K and V cached after prefill for the non-padding tokens of each sample and layer."""
+    *_, head_dim = _text_dims(text_config)
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    return int(sum(2 * n * kv_heads * head_dim * element_size for sample in tokens_per_layer for n in sample))

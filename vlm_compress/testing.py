@@ -1,0 +1,127 @@
+"""Random-weight LLaVA models, tokenizers and processors built offline from configs (tests, examples, speed bench)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+PROMPT = "USER: <image>\nwhat color is the square ? ASSISTANT:"
+_CORPUS = [
+    "USER: ASSISTANT: what color is the square ? shape left right top bottom red green blue yellow "
+    "circle triangle how many is there a the of in at 0 1 2 3 4 5 6 7 8 9 yes no"
+] * 8
+
+
+def build_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer with ``<image>`` as a special token; left padding (for generation)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+@dataclasses.dataclass
+class LlavaDims:
+    """Sizes of a random LLaVA. Defaults are test-sized; :data:`BENCH_DIMS` is the CPU speed-bench model."""
+
+    image_size: int = 56
+    patch_size: int = 14
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    vision_heads: int = 2
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 64
+    vision_feature_select_strategy: str = "default"
+
+
+# LLaVA-1.5-7B proportions (24×24 grid of a 336/14 CLIP, 24 ViT layers, Llama with MLP = 2.7·d) scaled so a
+# prefill takes about a second on 2 CPU cores: ViT 12×384, Llama 8×1024.
+BENCH_DIMS = LlavaDims(
+    image_size=336, patch_size=14, vision_hidden=384, vision_layers=12, vision_heads=6,
+    text_hidden=1024, text_layers=8, text_heads=16, text_kv_heads=16, text_intermediate=2752,
+)
+
+
+def build_llava(tokenizer=None, dims: LlavaDims | None = None, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random-weight ``LlavaForConditionalGeneration`` (SDPA attention) for ``tokenizer``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    dims = dims or LlavaDims()
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=dims.vision_hidden,
+            intermediate_size=4 * dims.vision_hidden,
+            num_hidden_layers=dims.vision_layers,
+            num_attention_heads=dims.vision_heads,
+            image_size=dims.image_size,
+            patch_size=dims.patch_size,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=dims.text_hidden,
+            intermediate_size=dims.text_intermediate,
+            num_hidden_layers=dims.text_layers,
+            num_attention_heads=dims.text_heads,
+            num_key_value_heads=dims.text_kv_heads,
+            max_position_embeddings=4096,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        image_token_id=tokenizer.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=dims.vision_feature_select_strategy,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_processor(tokenizer=None, dims: LlavaDims | None = None):
+    """A stock ``LlavaProcessor`` (PIL image backend) whose ``<image>`` expands to the full patch count."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    dims = dims or LlavaDims()
+    size = dims.image_size
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=dims.patch_size,
+        vision_feature_select_strategy=dims.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+
+
+def random_images(count: int, size: tuple[int, int] = (60, 80), seed: int = 0):
+    """``count`` random RGB PIL images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(count)]
