@@ -1,0 +1,51 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
+
+import pytest
+import torch
+
+from vlm_compress.testing import LlavaDims, build_llava, build_processor, build_tokenizer, random_images
+
+torch.set_num_threads(2)
+
+PROMPTS = [
+    "USER: <image>\nwhat color is the square ? ASSISTANT:",
+    "USER: <image>\nhow many ? ASSISTANT:",
+    "USER: <image>\nis there a red circle at the top left of the image ? ASSISTANT:",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    return build_processor(tokenizer)
+
+
+@pytest.fixture()
+def model(tokenizer):
+    return build_llava(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def images():
+    return random_images(3)
+
+
+@pytest.fixture(scope="session")
+def batch(processor, images):
+    """Three prompts of different lengths, left-padded, one image each."""
+    return processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
+
+
+def single(processor, images, i):
+    return processor(images=[images[i]], text=[PROMPTS[i]], return_tensors="pt")
+
+
+GRID = LlavaDims().image_size // LlavaDims().patch_size  # 4 → 16 visual tokens per image

@@ -1,0 +1,128 @@
+"""Each method's selection against its formula, on small hand-built scores and features."""
+
+import dataclasses
+import math
+
+import torch
+
+from vlm_compress.adapters.base import ImageBatch
+from vlm_compress.ops import pooled_grid_shape
+from vlm_compress.pruners.base import EncoderContext
+from vlm_compress.pruners.cls_attn import ClsAttnPruner
+from vlm_compress.pruners.pool import PoolPruner
+from vlm_compress.pruners.random import RandomPruner
+from vlm_compress.pruners.visionzip import VisionZipPruner
+
+
+@dataclasses.dataclass
+class FakeCapture:
+    """Stands in for AttentionCapture: fixed CLS rows [I, T] and head-mean keys [I, T, C]."""
+
+    rows: torch.Tensor
+    keys: torch.Tensor = None
+
+    def first_row_attention(self, layer, head_reduce="mean", kind="probs"):
+        return self.rows
+
+    def head_mean_keys(self, layer):
+        return self.keys
+
+
+def context(features, keep, rows=None, keys=None, grid=(2, 3), vision=None, offset=1, project=None):
+    i, n, _ = features.shape
+    rows = rows if rows is not None else torch.zeros(i, n + offset)
+    keys = keys if keys is not None else torch.zeros(i, n + offset, 2)
+    images = ImageBatch(
+        features=features,
+        vision_features=vision if vision is not None else features,
+        grid=grid,
+        prefix=n - grid[0] * grid[1],
+        tower_offset=offset,
+        project=project or (lambda x: x),
+    )
+    return EncoderContext(images=images, keep=[keep] * i, image_index_in_prompt=list(range(i)), capture=FakeCapture(rows, keys))
+
+
+def test_cls_attn_takes_top_scores_in_raster_order():
+    feats = torch.arange(6.0).view(1, 6, 1).repeat(1, 1, 2)
+    # tower row: CLS column first, then 6 patch columns
+    rows = torch.tensor([[9.0, 0.1, 0.5, 0.05, 0.3, 0.5, 0.2]])
+    sel = ClsAttnPruner(budget=3).select(context(feats, 3, rows))
+    # patches 1 and 4 tie at 0.5 → both kept; then 3 (0.3); raster order
+    assert sel.kept_index[0].tolist() == [1, 3, 4]
+    assert torch.equal(sel.features[0][:, 0], torch.tensor([1.0, 3.0, 4.0]))
+
+
+def test_cls_attn_ties_go_to_lower_index():
+    feats = torch.zeros(1, 6, 1)
+    rows = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    sel = ClsAttnPruner(budget=2).select(context(feats, 2, rows))
+    assert sel.kept_index[0].tolist() == [0, 1]
+
+
+def test_random_is_seeded_and_prompt_rank_keyed():
+    feats = torch.randn(3, 6, 2)
+    ctx = context(feats, 3)
+    ctx.image_index_in_prompt = [0, 1, 0]
+    a = RandomPruner(budget=3, seed=7).select(ctx)
+    b = RandomPruner(budget=3, seed=7).select(ctx)
+    assert [t.tolist() for t in a.kept_index] == [t.tolist() for t in b.kept_index]
+    assert torch.equal(a.kept_index[0], a.kept_index[2])
+    expected = torch.randperm(6, generator=torch.Generator().manual_seed(8))[:3].sort().values
+    assert torch.equal(a.kept_index[1], expected)
+
+
+def test_pool_averages_windows():
+    feats = torch.arange(16.0).view(1, 16, 1)  # 4×4 grid with value = raster index
+    ctx = context(feats, 4, grid=(4, 4), offset=1)
+    sel = PoolPruner(budget=4).select(ctx)
+    # 2×2 windows of a 4×4 raster: means of {0,1,4,5}, {2,3,6,7}, {8,9,12,13}, {10,11,14,15}
+    assert sel.features[0][:, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert sel.kept_index[0].tolist() == [0, 2, 8, 10]
+    assert sel.merged_into[0].view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+
+
+def test_pool_grid_rule():
+    assert pooled_grid_shape(115, (24, 24)) == (10, 10)
+    assert pooled_grid_shape(288, (24, 24)) == (16, 16)
+    assert pooled_grid_shape(58, (24, 24)) == (7, 7)
+    assert pooled_grid_shape(576, (24, 24)) == (24, 24)
+    h, w = pooled_grid_shape(100, (12, 24))
+    assert h * w <= 100 and w == 2 * h
+    for k in range(1, 577):
+        h, w = pooled_grid_shape(k, (24, 24))
+        assert h == w == max(1, math.isqrt(k))
+
+
+def test_pool_keeps_prefix_tokens():
+    feats = torch.arange(17.0).view(1, 17, 1)  # CLS + 4×4
+    sel = PoolPruner(budget=5).select(context(feats, 5, grid=(4, 4), offset=0))
+    assert sel.features[0][:, 0].tolist() == [0.0, 3.5, 5.5, 11.5, 13.5]
+
+
+def test_visionzip_dominant_and_contextual():
+    # 6 tokens; vision-space values v_j; keys put tokens {0,2,5} near target A and {3} near target B
+    vision = torch.tensor([[[10.0], [20.0], [30.0], [40.0], [50.0], [60.0]]])
+    projected = vision * 2
+    rows = torch.tensor([[9.0, 0.1, 0.9, 0.2, 0.1, 0.8, 0.3]])  # CLS col, then 6 patches
+    keys = torch.tensor([[[0.0, 0.0], [1, 0], [0, 1], [1, 0.1], [0.1, 1], [0, 1], [1, 0]]])
+    pruner = VisionZipPruner(budget=4, contextual_ratio=0.5)
+    assert pruner.split(4) == (2, 2)
+    ctx = context(projected, 4, rows=rows, keys=keys, vision=vision, project=lambda x: x * 2)
+    sel = pruner.select(ctx)
+    # dominant: patches 1 (0.9) and 4 (0.8), raster order
+    assert sel.kept_index[0][:2].tolist() == [1, 4]
+    # remaining [0,2,3,5]; step = 4 // 2 = 2 → targets at positions 0 and 2 → tokens 0 and 3
+    assert sel.kept_index[0][2:].tolist() == [0, 3]
+    # keys: token 2 [1,.1] and token 5 [1,0] are closest to target 0 [1,0]; nothing joins target 3 [.1,1]
+    # contextual = v_target + mean(v_assigned), then projected (×2)
+    expected_a = (10.0 + (30.0 + 60.0) / 2) * 2
+    expected_b = 40.0 * 2
+    assert sel.features[0][:, 0].tolist() == [40.0, 100.0, expected_a, expected_b]
+    assert sel.merged_into[0].tolist() == [2, 0, 2, 3, 1, 2]
+
+
+def test_visionzip_full_budget_is_identity():
+    feats = torch.randn(2, 6, 3)
+    sel = VisionZipPruner(budget=1.0).select(context(feats, 6))
+    assert all(torch.equal(f, g) for f, g in zip(sel.features, feats))
