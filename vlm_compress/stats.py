@@ -79,3 +79,14 @@ def kv_cache_bytes(tokens_per_layer: Sequence[Sequence[int]], text_config: Any, 
     *_, head_dim = _text_dims(text_config)
     kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
     return int(sum(2 * n * kv_heads * head_dim * element_size for sample in tokens_per_layer for n in sample))
+
+
+def vision_flops(vision_config: Any, tokens: int, images: int = 1) -> float:
+    """FLOPs of a ViT (CLIP-style: q/k/v/o projections, 2-matrix MLP) over ``tokens`` per image, all layers.
+
+    ``2·[4·T·d² + 2·T²·d + 2·T·d·m]`` per layer plus the patch embedding ``2·T·3·p²·d``. Compression never
+    shortens the tower here (encoder-stage methods act on its output), so this is the fixed part of a prefill.
+    """
+    d, m, p = vision_config.hidden_size, vision_config.intermediate_size, vision_config.patch_size
+    per_layer = 2.0 * (4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * m)
+    return images * (vision_config.num_hidden_layers * per_layer + 2.0 * tokens * 3 * p * p * d)

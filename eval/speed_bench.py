@@ -1,0 +1,252 @@
+"""Prefill (time to first token) and per-token decode speed, uncompressed vs each method at several budgets.
+
+    python eval/speed_bench.py                                   # CPU, scaled LLaVA-1.5 proportions (BENCH_DIMS)
+    python eval/speed_bench.py --dims llava-1.5-7b --device cuda --dtype bfloat16
+
+Random weights (speed does not depend on them). Batch of one 336×336 image and a short question. Reports the
+speed-up, its ratio to the FLOPs-ideal speed-up (vision tower + LLM FLOPs, :mod:`vlm_compress.stats`), the
+selection overhead, and the peak memory added by the call (CUDA: allocator peak; CPU: the process's resident
+high-water mark, reset through /proc/self/clear_refs before each measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vlm_compress import compress, list_methods, restore  # noqa: E402
+from vlm_compress.stats import prefill_flops, vision_flops  # noqa: E402
+from vlm_compress.testing import BENCH_DIMS, LLAVA_7B_DIMS, build_llava, build_processor, build_tokenizer, random_images  # noqa: E402
+
+DIMS = {"cpu-scaled": BENCH_DIMS, "llava-1.5-7b": LLAVA_7B_DIMS}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class PeakMemory:
+    """Peak bytes allocated above the starting point during the block."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            _malloc_trim()  # hand freed heap back to the OS, so reuse of cached blocks cannot hide the peak
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.start = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.peak = self._status("VmHWM") - self.start
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", choices=sorted(DIMS), default="cpu-scaled")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--methods", nargs="+", default=list_methods())
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.2, 0.1])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per measurement")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="output stem under eval/results (default: speed_<dims>_<device>)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    dims = DIMS[args.dims]
+    tokenizer = build_tokenizer()
+    model = build_llava(tokenizer, dims, dtype=dtype).to(device)
+    processor = build_processor(tokenizer, dims)
+    inputs = processor(images=random_images(1, (336, 336)), text="USER: <image>\nwhat color is the square at the top left ? ASSISTANT:", return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    n = args.new_tokens
+    cfg = model.config
+    grid_tokens = (dims.image_size // dims.patch_size) ** 2
+
+    def prefill():
+        with torch.no_grad():
+            model(**inputs, use_cache=True, logits_to_keep=1)
+
+    def generate(tokens):
+        return lambda: model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+    def encode():
+        with torch.no_grad():
+            model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+    prompt_len = int(inputs["attention_mask"].sum())
+    configs = [("none", 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
+    references = sorted({prompt_len})  # text-only lengths for the zero-overhead reference, filled below
+
+    def apply(method, budget):
+        if method != "none":
+            compress(model, budget=budget, method=method)
+
+    def remove(method):
+        if method != "none":
+            restore(model)
+
+    # one untimed pass per config: warm-up, peak memory, token counts and per-stage times
+    info = {}
+    for method, budget in configs:
+        apply(method, budget)
+        prefill()
+        with PeakMemory(device) as mem:
+            prefill()
+        if method == "none":
+            info[(method, budget)] = dict(visual_tokens=grid_tokens, llm_tokens=prompt_len, peak=mem.peak)
+        else:
+            s = model.compression.stats
+            info[(method, budget)] = dict(visual_tokens=s.visual_tokens_kept, llm_tokens=s.prompt_tokens_llm, peak=mem.peak)
+        remove(method)
+    references = sorted({v["llm_tokens"] for v in info.values()})
+    ref_ids = {n: torch.randint(10, len(tokenizer) - 1, (1, n), device=device) for n in references}
+
+    def reference(length):
+        with torch.no_grad():
+            model(input_ids=ref_ids[length], use_cache=True, logits_to_keep=1)
+
+    # round-robin over configs inside each repeat, so drift in machine speed hits every config alike
+    samples = {c: {"prefill": [], "decode": [], "vision": [], "select": []} for c in configs}
+    ref_samples: dict[int, list[float]] = {n: [] for n in references}
+    vision_samples: list[float] = []
+    for rep in range(args.repeats):
+        vision_samples.append(timed(encode, device, 1) * 1e3)
+        for n_ref in references:
+            ref_samples[n_ref].append(timed(lambda: reference(n_ref), device, 1) * 1e3)
+        for method, budget in configs:
+            apply(method, budget)
+            entry = samples[(method, budget)]
+            entry["prefill"].append(timed(prefill, device, 1) * 1e3)
+            if method != "none":
+                entry["vision"].append(model.compression.stats.encode_ms)
+                entry["select"].append(model.compression.stats.select_ms)
+            # decode per token = difference of two generate lengths (cancels prefill and set-up)
+            entry["decode"].append((timed(generate(2 + n), device, 1) - timed(generate(2), device, 1)) / n * 1e3)
+            remove(method)
+        print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
+
+    med = statistics.median
+    vision_ms = med(vision_samples)
+    rows = []
+    for method, budget in configs:
+        entry, meta = samples[(method, budget)], info[(method, budget)]
+        llm_tokens = meta["llm_tokens"]
+        rows.append(
+            dict(
+                method=method, budget=budget, visual_tokens=meta["visual_tokens"], llm_tokens=llm_tokens,
+                prefill_ms=med(entry["prefill"]), decode_ms_per_token=med(entry["decode"]),
+                vision_ms=med(entry["vision"]) if entry["vision"] else vision_ms,
+                select_ms=med(entry["select"]) if entry["select"] else 0.0,
+                flops_vision=vision_flops(cfg.vision_config, grid_tokens + 1),
+                flops_llm=prefill_flops([[llm_tokens] * cfg.text_config.num_hidden_layers], cfg.text_config),
+                peak_mem_mb=meta["peak"] / 2**20, reference_ms=vision_ms + med(ref_samples[llm_tokens]),
+            )
+        )
+
+    base = rows[0]
+    for r in rows:
+        r["prefill_speedup"] = base["prefill_ms"] / r["prefill_ms"]
+        r["flops_ideal_speedup"] = (base["flops_vision"] + base["flops_llm"]) / (r["flops_vision"] + r["flops_llm"])
+        r["ratio_to_ideal"] = r["prefill_speedup"] / r["flops_ideal_speedup"]
+        r["decode_speedup"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
+        r["select_overhead_pct"] = 100 * r["select_ms"] / r["prefill_ms"]
+        r["vs_reference"] = r["prefill_ms"] / r["reference_ms"]
+
+    machine = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "dtype": args.dtype, "dims": args.dims, "dims_values": vars(dims) if hasattr(dims, "__dict__") else str(dims),
+    }
+    stem = args.out or f"speed_{args.dims}_{device.type}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = "python eval/speed_bench.py " + " ".join(sys.argv[1:])
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
+    (RESULTS / f"{stem}.md").write_text(to_markdown(rows, machine, command))
+    print(to_markdown(rows, machine, command))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def to_markdown(rows, machine, command) -> str:
+    d = machine["dims_values"]
+    head = (
+        f"# Prefill / decode speed ({machine['dims']})\n\n"
+        f"Command: `{command}`  \nMachine: {machine['cpu']} ({machine['device']}), {machine['threads']} threads, "
+        f"torch {machine['torch']}, {machine['dtype']}, batch 1.  \n"
+        f"Model (random weights): CLIP ViT {d['vision_layers']}×{d['vision_hidden']} at {d['image_size']}/{d['patch_size']} "
+        f"+ Llama {d['text_layers']}×{d['text_hidden']} (MLP {d['text_intermediate']}).\n\n"
+        "`ratio` = measured prefill speed-up / FLOPs-ideal speed-up. `vs ref` = our prefill / (stock vision tower + "
+        "stock LLM on a text-only prompt of the same length): the cost of our machinery (1.00 = none).\n\n"
+        "| method | budget | visual tok | LLM tok | prefill ms | speed-up | FLOPs-ideal | ratio | vs ref | "
+        "decode ms/tok | decode speed-up | vision ms | select ms | select % | peak MB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r['method']} | {r['budget']} | {r['visual_tokens']} | {r['llm_tokens']} | {r['prefill_ms']:.1f} | "
+        f"{r['prefill_speedup']:.2f}× | {r['flops_ideal_speedup']:.2f}× | {r['ratio_to_ideal']:.2f} | {r['vs_reference']:.2f} | "
+        f"{r['decode_ms_per_token']:.1f} | {r['decode_speedup']:.2f}× | {r['vision_ms']:.1f} | {r['select_ms']:.2f} | "
+        f"{r['select_overhead_pct']:.1f} | {r['peak_mem_mb']:.0f} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
