@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
-.PHONY: setup setup-bench example test bench-speed
+.PHONY: setup setup-bench example test bench bench-quick bench-speed
 
 setup:
 	EXTRAS=test bash tools/setup_env.sh
@@ -18,6 +18,12 @@ example: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+bench: setup-bench
+	$(PY) -m vlm_compress.bench
+
+bench-quick: setup-bench
+	$(PY) -m vlm_compress.bench --quick
 
 bench-speed: setup-bench
 	$(PY) eval/speed_bench.py

@@ -12,78 +12,21 @@ high-water mark, reset through /proc/self/clear_refs before each measurement).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm_compress import compress, list_methods, restore  # noqa: E402
+from vlm_compress.bench.timing import PeakMemory, machine_description, timed  # noqa: E402
 from vlm_compress.stats import prefill_flops, vision_flops  # noqa: E402
 from vlm_compress.testing import BENCH_DIMS, LLAVA_7B_DIMS, build_llava, build_processor, build_tokenizer, random_images  # noqa: E402
 
 DIMS = {"cpu-scaled": BENCH_DIMS, "llava-1.5-7b": LLAVA_7B_DIMS}
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-class PeakMemory:
-    """Peak bytes allocated above the starting point during the block."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    @staticmethod
-    def _status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            _malloc_trim()  # hand freed heap back to the OS, so reuse of cached blocks cannot hide the peak
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            self.start = self._status("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.peak = self._status("VmHWM") - self.start
-
-
-def _malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def timed(fn, device, repeats):
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -201,27 +144,14 @@ def main() -> None:
         r["select_overhead_pct"] = 100 * r["select_ms"] / r["prefill_ms"]
         r["vs_reference"] = r["prefill_ms"] / r["reference_ms"]
 
-    machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "dtype": args.dtype, "dims": args.dims, "dims_values": vars(dims) if hasattr(dims, "__dict__") else str(dims),
-    }
+    machine = machine_description(device)
+    machine.update(dtype=args.dtype, dims=args.dims, dims_values=vars(dims))
     stem = args.out or f"speed_{args.dims}_{device.type}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python eval/speed_bench.py " + " ".join(sys.argv[1:])
     (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
     (RESULTS / f"{stem}.md").write_text(to_markdown(rows, machine, command))
     print(to_markdown(rows, machine, command))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def to_markdown(rows, machine, command) -> str:

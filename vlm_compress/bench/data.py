@@ -1,0 +1,57 @@
+"""Benchmark items: the held-out ShapesVQA split, or a local JSONL of (image, question, answer)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from .task import ShapesTask
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+@dataclasses.dataclass
+class Item:
+    image: Image.Image
+    question: str
+    answer: str
+    qtype: str = "all"
+
+
+def shapes_items(count: int, split: str = "test", canvas: int = 96, cell: int = 8) -> list[Item]:
+    task = ShapesTask(canvas=canvas, cell=cell)
+    return [Item(Image.fromarray(s.image), s.question, s.answer, s.qtype) for s in task.iterate(split, count)]
+
+
+def jsonl_items(path: str | Path, count: int | None = None) -> list[Item]:
+    """Lines of ``{"image": path, "question": str, "answer": str[, "type": str]}``; image paths are relative to the file."""
+    path = Path(path)
+    items = []
+    for n, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image = Image.open(path.parent / row["image"]).convert("RGB")
+            items.append(Item(image, row["question"], str(row["answer"]), row.get("type", "all")))
+        except (KeyError, json.JSONDecodeError, OSError) as err:
+            raise ValueError(f"{path}:{n + 1}: expected a JSON line with image, question, answer ({err})") from err
+        if count is not None and len(items) >= count:
+            break
+    return items
+
+
+def answer_prior(train: list[Item], test: list[Item]) -> float:
+    """Accuracy of answering each question type with its most frequent training answer."""
+    by_type: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    overall = collections.Counter()
+    for item in train:
+        by_type[item.qtype][item.answer] += 1
+        overall[item.answer] += 1
+    guess = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
+    fallback = overall.most_common(1)[0][0]
+    return sum(guess.get(i.qtype, fallback) == i.answer for i in test) / max(len(test), 1)

@@ -1,0 +1,310 @@
+"""The benchmark: every method × budget on the embedded model and held-out set, accuracy beside speed and cost.
+
+    python -m vlm_compress.bench                  # tiny-llava, all encoder methods, budgets 1.0 … 0.11
+    python -m vlm_compress.bench --quick          # 1-minute smoke run
+    python -m vlm_compress.bench --model PATH --dataset items.jsonl --prompt "USER: <image>\\n{question} ASSISTANT:"
+
+Writes ``<out>.json``, ``<out>.md`` and ``<out>_accuracy.png`` / ``<out>_prefill.png`` under ``eval/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import compress, list_methods, restore
+from .data import ASSETS, Item, answer_prior, jsonl_items, shapes_items
+from .timing import PeakMemory, machine_description, timed
+
+BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
+RESULTS = Path.cwd() / "eval" / "results"
+
+
+@dataclasses.dataclass
+class Row:
+    method: str
+    budget: float
+    accuracy: float
+    accuracy_retained: float
+    agreement: float
+    llm_visual_tokens: float  # per image, entering the LLM
+    layer_avg_visual_tokens: float
+    prefill_ms: float
+    decode_ms_per_token: float
+    prefill_gflops: float  # per sample
+    kv_cache_mb: float  # per sample
+    select_ms: float  # per image
+    peak_mem_mb: float
+    per_type: dict[str, float]
+
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def normalise(text: str) -> str:
+    return text.strip().lower().rstrip(".").strip()
+
+
+class Runner:
+    def __init__(self, model, processor, items: list[Item], prompt: str, batch_size: int, max_new_tokens: int):
+        self.model, self.processor, self.items = model, processor, items
+        self.prompt, self.batch_size, self.max_new_tokens = prompt, batch_size, max_new_tokens
+        self.device = next(model.parameters()).device
+        self.batches = [self._encode(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+
+    def _encode(self, items: list[Item]):
+        inputs = self.processor(
+            images=[i.image for i in items], text=[self.prompt.format(question=i.question) for i in items],
+            return_tensors="pt", padding=True,
+        )
+        return inputs.to(self.device)
+
+    def answers(self) -> tuple[list[str], dict[str, float]]:
+        """Greedy answers for all items, and the compression stats summed over batches (empty if uncompressed)."""
+        out, totals = [], {}
+        for inputs in self.batches:
+            width = inputs["input_ids"].shape[1]
+            ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+            out += [normalise(t) for t in self.processor.batch_decode(ids[:, width:], skip_special_tokens=True)]
+            state = getattr(self.model, "compression", None)
+            if state is not None and state.stats is not None:
+                s = state.stats
+                for key in ("images", "visual_tokens_kept", "prefill_flops", "kv_cache_bytes", "select_ms"):
+                    totals[key] = totals.get(key, 0) + getattr(s, key)
+                totals["layer_avg"] = totals.get("layer_avg", 0) + s.layer_avg_visual_tokens * s.images
+        return out, totals
+
+    def speed(self, repeats: int, new_tokens: int = 16) -> tuple[float, float, float]:
+        """(prefill ms, decode ms/token, peak MB) for the first item alone (batch 1)."""
+        one = self._encode(self.items[:1])
+
+        def prefill():
+            with torch.no_grad():
+                self.model(**one, use_cache=True, logits_to_keep=1)
+
+        def gen(n):
+            return lambda: self.model.generate(**one, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+        prefill()
+        with PeakMemory(self.device) as mem:
+            prefill()
+        t_prefill = timed(prefill, self.device, repeats)
+        t_decode = (timed(gen(2 + new_tokens), self.device, repeats) - timed(gen(2), self.device, repeats)) / new_tokens
+        return t_prefill * 1e3, t_decode * 1e3, mem.peak / 2**20
+
+
+def full_cost(model, runner: Runner) -> dict[str, float]:
+    """Stats of the uncompressed model, read through an identity compression (budget 1.0 keeps every token)."""
+    compress(model, budget=1.0, method="random")
+    try:
+        _, totals = runner.answers()
+    finally:
+        restore(model)
+    return totals
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model_path = args.model or ASSETS / "tiny-llava"
+    if not Path(model_path, "config.json").exists():
+        raise SystemExit(f"no model at {model_path}: pass --model PATH (a local LLaVA checkpoint directory)")
+    model, processor = load_model(model_path, device, dtype)
+    if args.dataset:
+        items = jsonl_items(args.dataset, args.samples)
+        prior = answer_prior(items, items)
+        prior_note = "most frequent answer per type in the dataset itself"
+    else:
+        image_size = model.config.vision_config.image_size
+        cell = model.config.vision_config.patch_size
+        items = shapes_items(args.samples, "test", canvas=image_size, cell=cell)
+        prior = answer_prior(shapes_items(2000, "train", canvas=image_size, cell=cell), items)
+        prior_note = "most frequent training answer per question type"
+    runner = Runner(model, processor, items, args.prompt, args.batch_size, args.max_new_tokens)
+
+    configs = [("none", 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
+    progress = _progress(len(configs))
+    rows: list[Row] = []
+    reference: list[str] = []
+    full_totals = full_cost(model, runner)
+    for method, budget in configs:
+        if method != "none":
+            compress(model, budget=budget, method=method)
+        try:
+            answers, totals = runner.answers()
+            prefill_ms, decode_ms, peak = runner.speed(args.repeats)
+        finally:
+            if method != "none":
+                restore(model)
+        totals = totals or full_totals
+        if method == "none":
+            reference = answers
+        correct = [a == i.answer.lower() for a, i in zip(answers, items)]
+        accuracy = sum(correct) / len(items)
+        per_type: dict[str, list[int]] = {}
+        for ok, item in zip(correct, items):
+            per_type.setdefault(item.qtype, []).append(ok)
+        n = len(items)
+        rows.append(Row(
+            method=method, budget=budget, accuracy=accuracy,
+            accuracy_retained=100 * accuracy / rows[0].accuracy if rows and rows[0].accuracy else 100.0,
+            agreement=sum(a == r for a, r in zip(answers, reference)) / n,
+            llm_visual_tokens=totals["visual_tokens_kept"] / totals["images"],
+            layer_avg_visual_tokens=totals["layer_avg"] / totals["images"],
+            prefill_ms=prefill_ms, decode_ms_per_token=decode_ms,
+            prefill_gflops=totals["prefill_flops"] / n / 1e9, kv_cache_mb=totals["kv_cache_bytes"] / n / 2**20,
+            select_ms=totals["select_ms"] / totals["images"] if method != "none" else 0.0,
+            peak_mem_mb=peak, per_type={k: sum(v) / len(v) for k, v in sorted(per_type.items())},
+        ))
+        progress(f"{method} @ {budget}: acc {accuracy:.3f}")
+    progress(None)
+
+    result = {
+        "command": "python -m vlm_compress.bench " + " ".join(sys.argv[1:]),
+        "model": str(model_path), "dataset": args.dataset or "ShapesVQA test split",
+        "samples": len(items), "answer_prior": prior, "answer_prior_note": prior_note,
+        "machine": {**machine_description(device), "dtype": args.dtype},
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }
+    return result
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="bench", unit="config")
+
+        def step(msg):
+            if msg is None:
+                bar.close()
+            else:
+                bar.set_postfix_str(msg)
+                bar.update(1)
+
+        return step
+    except ImportError:
+        count = [0]
+
+        def step(msg):
+            if msg is not None:
+                count[0] += 1
+                print(f"[{count[0]}/{total}] {msg}", flush=True)
+
+        return step
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"# Benchmark: {Path(result['model']).name} on {result['dataset']}",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {m['cpu']} ({m['device']}), {m['threads']} threads, torch {m['torch']}, {m['dtype']}.  ",
+        f"{result['samples']} held-out samples; greedy answers. Answer prior ({result['answer_prior_note']}): "
+        f"**{result['answer_prior']:.3f}**. Prefill/decode timed at batch 1; FLOPs and KV per sample; selection per image.",
+        "",
+        "| method | budget | accuracy | retained % | agreement | LLM visual tok | layer-avg tok | prefill ms | "
+        "decode ms/tok | prefill GFLOPs | KV MB | select ms | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['budget']} | {r['accuracy']:.3f} | {r['accuracy_retained']:.1f} | {r['agreement']:.3f} | "
+            f"{r['llm_visual_tokens']:.1f} | {r['layer_avg_visual_tokens']:.1f} | {r['prefill_ms']:.1f} | "
+            f"{r['decode_ms_per_token']:.2f} | {r['prefill_gflops']:.3f} | {r['kv_cache_mb']:.3f} | {r['select_ms']:.2f} | "
+            f"{r['peak_mem_mb']:.0f} |"
+        )
+    types = sorted({t for r in result["rows"] for t in r["per_type"]})
+    lines += ["", "Accuracy per question type:", "", "| method | budget | " + " | ".join(types) + " |",
+              "|---|---|" + "---|" * len(types)]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['budget']} | " + " | ".join(f"{r['per_type'].get(t, 0):.2f}" for t in types) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], stem: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install vlm-compress[bench]): skipping plots", file=sys.stderr)
+        return []
+    rows = result["rows"]
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "none"]
+    paths = []
+    for key, label, name in (("accuracy", "accuracy", "accuracy"), ("prefill_ms", "prefill ms (batch 1)", "prefill")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in methods:
+            pts = sorted((r["budget"], r[key]) for r in rows if r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        ax.axhline(rows[0][key], color="black", linestyle="--", linewidth=1, label="uncompressed")
+        if key == "accuracy":
+            ax.axhline(result["answer_prior"], color="gray", linestyle=":", linewidth=1, label="answer prior")
+        ax.set_xlabel("budget (share of visual tokens, layer-averaged)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{Path(result['model']).name}: {label} vs budget")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = stem.with_name(f"{stem.name}_{name}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vlm_compress.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="local LLaVA checkpoint (default: the embedded tiny-llava)")
+    parser.add_argument("--dataset", help="local JSONL of image, question, answer (default: ShapesVQA held-out split)")
+    parser.add_argument("--prompt", default="USER: <image>\n{question} ASSISTANT:")
+    parser.add_argument("--methods", nargs="+", default=list_methods("encoder"))
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--samples", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 40 samples, 2 budgets, random and pool")
+    parser.add_argument("--out", help="output stem (default: eval/results/bench_<model name>[_quick])")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.budgets, args.repeats = 40, [1.0, 0.22], 2
+        args.methods = [m for m in ("random", "pool") if m in args.methods] or args.methods[:2]
+    unknown = sorted(set(args.methods) - set(list_methods()))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; available: {list_methods()}")
+    start = time.time()
+    result = run(args)
+    result["seconds"] = round(time.time() - start, 1)
+    name = Path(args.model).name if args.model else "tiny-llava"
+    stem = Path(args.out) if args.out else RESULTS / f"bench_{name}{'_quick' if args.quick else ''}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(to_markdown(result))
+    plots = plot(result, stem)
+    print(to_markdown(result))
+    print(f"wrote {stem}.json, {stem}.md" + "".join(f", {p}" for p in plots) + f" in {result['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
