@@ -13,22 +13,15 @@ _CORPUS = [
 ] * 8
 
 
-def build_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer with ``<image>`` as a special token; left padding (for generation)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+
+def wrap_tokenizer(tokenizer_object):
+    """A ``tokenizers.Tokenizer`` holding :data:`SPECIAL_TOKENS` as a transformers tokenizer; left padding."""
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tk.train_from_iterator(_CORPUS, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
+        tokenizer_object=tokenizer_object,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
@@ -36,6 +29,22 @@ def build_tokenizer(vocab_size: int = 320):
         padding_side="left",
         extra_special_tokens={"image_token": "<image>"},
     )
+
+
+def build_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer with ``<image>`` as a special token; left padding (for generation)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(_CORPUS, trainer)
+    return wrap_tokenizer(tk)
 
 
 @dataclasses.dataclass
@@ -55,6 +64,11 @@ class LlavaDims:
     vision_feature_select_strategy: str = "default"
 
 
+# The embedded tiny-llava (vlm_compress/assets/tiny-llava): 96-pixel images, 8-pixel patches → a 12×12 grid.
+TINY_LLAVA_DIMS = LlavaDims(
+    image_size=96, patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4,
+    text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=4, text_intermediate=384,
+)
 # LLaVA-1.5-7B at true size: CLIP ViT-L/14-336 (24×1024, 577 tokens) + Vicuna-7B (32×4096, MLP 11008).
 LLAVA_7B_DIMS = LlavaDims(
     image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
@@ -103,6 +117,7 @@ def build_llava(tokenizer=None, dims: LlavaDims | None = None, seed: int = 0, dt
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(dtype).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 

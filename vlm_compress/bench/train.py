@@ -26,76 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..testing import SPECIAL_TOKENS, TINY_LLAVA_DIMS, build_llava, build_processor, wrap_tokenizer
 from .task import COLORS, SHAPES, ShapesTask, vocabulary
 
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 PAIRS = [(s, c) for s in SHAPES for c in COLORS]
 
 
-@dataclasses.dataclass
-class TinyDims:
-    image_size: int = 96
-    patch_size: int = 8
-    vision_hidden: int = 128
-    vision_layers: int = 4
-    vision_heads: int = 4
-    text_hidden: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
-    text_intermediate: int = 384
-
-
 def build_tokenizer():
-    """Word-level tokenizer over the task vocabulary; ``<image>`` is the image token; left padding."""
+    """Word-level tokenizer over the task vocabulary (one token per word); ``<image>`` is the image token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(SPECIALS + vocabulary())}
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + vocabulary())}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        padding_side="left", extra_special_tokens={"image_token": "<image>"},
-    )
-
-
-def build_model(tokenizer, dims: TinyDims, seed: int = 0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=dims.vision_hidden, intermediate_size=4 * dims.vision_hidden,
-            num_hidden_layers=dims.vision_layers, num_attention_heads=dims.vision_heads,
-            image_size=dims.image_size, patch_size=dims.patch_size,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=dims.text_hidden, intermediate_size=dims.text_intermediate,
-            num_hidden_layers=dims.text_layers, num_attention_heads=dims.text_heads, num_key_value_heads=dims.text_heads,
-            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-        ),
-        image_token_id=tokenizer.image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
-
-
-def build_processor(tokenizer, dims: TinyDims):
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    size = dims.image_size
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=dims.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )
+    return wrap_tokenizer(tk)
 
 
 class AuxHeads(nn.Module):
@@ -127,10 +74,56 @@ def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int):
             patch_labels[b, o.row * grid + o.col] = 1 + pair
             scene_labels[b, pair] = 1.0
     return dict(pixel_values=pixels, input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels,
-                patch_labels=patch_labels, scene_labels=scene_labels, samples=samples)
+                patch_labels=patch_labels, scene_labels=scene_labels, targets=target_masks(samples, grid), samples=samples)
 
 
-def losses(model, heads, batch):
+def target_masks(samples, grid: int) -> torch.Tensor:
+    """[B, N] image tokens a question is about: the objects whose shape/colour/quadrant the question names."""
+    masks = torch.zeros(len(samples), grid * grid)
+    for b, s in enumerate(samples):
+        words = s.question.split()
+        for o in s.objects:
+            if s.qtype == "count":
+                hit = o.shape == words[2]
+            elif s.qtype == "region":  # the only object in the named quadrant
+                hit = ((o.row < grid / 2) == (words[7] == "top")) and ((o.col < grid / 2) == (words[8] == "left"))
+            else:
+                hit = o.shape in words or o.color in words
+            masks[b, o.row * grid + o.col] = float(hit)
+    return masks
+
+
+class GroundingProbe:
+    """Attention of one position to all keys at LLM layer ``layer``, computed from q/k (with RoPE) via a hook."""
+
+    def __init__(self, model, layer: int):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.attn = model.model.language_model.layers[layer].self_attn
+        self.rope = apply_rotary_pos_emb
+        self.handle = self.attn.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self.hidden = self.cos_sin = None
+
+    def _capture(self, module, args, kwargs):
+        self.hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.cos_sin = kwargs.get("position_embeddings")
+
+    def row(self, position: int) -> torch.Tensor:
+        """[B, L] head-mean attention probabilities of ``position`` over all positions (causal)."""
+        a = self.attn
+        h = self.hidden
+        b, length, _ = h.shape
+        q = a.q_proj(h).view(b, length, -1, a.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(b, length, -1, a.head_dim).transpose(1, 2)
+        cos, sin = self.cos_sin
+        q, k = self.rope(q, k, cos, sin)
+        pos = position % length
+        logits = (q[:, :, pos : pos + 1] @ k.transpose(-1, -2)).float() * a.scaling  # [B, H, 1, L]
+        logits[..., pos + 1 :] = float("-inf")
+        return logits.softmax(-1).mean(1)[:, 0]
+
+
+def losses(model, heads, batch, probe: "GroundingProbe | None" = None):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     tower = model.model.vision_tower
@@ -152,7 +145,17 @@ def losses(model, heads, batch):
         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(feats))},
     )
     patch_acc = (patch_logits.argmax(-1) == batch["patch_labels"])[batch["patch_labels"] > 0].float().mean()
-    return vqa.loss, patch_loss, scene_loss + position_loss, patch_acc
+    ground_loss = torch.zeros(())
+    if probe is not None:
+        row = probe.row(-3)  # the position that predicts the answer (answer and EOS are the last two tokens)
+        image = batch["input_ids"] == model.config.image_token_id
+        targets = batch["targets"]
+        has = targets.sum(1) > 0
+        target_cols = torch.zeros_like(row)
+        target_cols[image] = targets.flatten()  # every row holds exactly N image tokens
+        mass = (row * target_cols).sum(1).clamp_min(1e-6)
+        ground_loss = -(mass.log() * has).sum() / has.sum().clamp_min(1)
+    return vqa.loss, patch_loss, scene_loss + position_loss + ground_loss, patch_acc
 
 
 @torch.no_grad()
@@ -194,10 +197,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--ground-layer", type=int, default=2,
+                        help="LLM layer whose answer-position attention is supervised towards the asked-about objects "
+                             "(-1: off)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    dims = TinyDims()
+    dims = TINY_LLAVA_DIMS
     grid = dims.image_size // dims.patch_size
     task = ShapesTask(canvas=dims.image_size, cell=dims.patch_size)
     tokenizer = build_tokenizer()
@@ -210,8 +216,9 @@ def main() -> None:
         heads = AuxHeads(dims.vision_hidden, grid)
         heads.load_state_dict(torch.load(out / "aux_heads.pt"))
         log = json.loads((out / "train_log.json").read_text())
+        log.setdefault("resumed", []).append({"at_step": log["steps"], "args": vars(args)})
     else:
-        model, heads = build_model(tokenizer, dims, args.seed), AuxHeads(dims.vision_hidden, grid)
+        model, heads = build_llava(tokenizer, dims, args.seed).train(), AuxHeads(dims.vision_hidden, grid)
         log = {"args": vars(args), "dims": dataclasses.asdict(dims), "machine": f"{platform.processor()} x{os.cpu_count()}",
                "history": [], "seconds": 0.0, "steps": 0}
     processor = build_processor(tokenizer, dims)
@@ -232,6 +239,7 @@ def main() -> None:
         log.update(steps=step, seconds=seconds)
         (out / "train_log.json").write_text(json.dumps(log, indent=1))
 
+    probe = GroundingProbe(model, args.ground_layer) if args.ground_layer >= 0 else None
     model.train()
     start, step = time.time(), step0
     rng = np.random.default_rng(args.seed + step0)
@@ -240,7 +248,7 @@ def main() -> None:
             group["lr"] = lr_at(step)
         batch = make_batch(task, tokenizer, "train", rng.integers(0, 10**9, args.batch_size), grid)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            vqa, patch, scene, patch_acc = losses(model, heads, batch)
+            vqa, patch, scene, patch_acc = losses(model, heads, batch, probe)
         loss = vqa + patch + scene
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -257,6 +265,8 @@ def main() -> None:
         if step % args.save_every == 0:
             save(step, seconds0 + time.time() - start)
     save(step, seconds0 + time.time() - start)
+    if probe is not None:
+        probe.handle.remove()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""The shipped tiny-llava loads offline with stock classes, and the benchmark's --quick run works end to end."""
+
+import json
+
+import pytest
+import torch
+
+from vlm_compress import compress
+from vlm_compress.bench.data import ASSETS, answer_prior, jsonl_items, shapes_items
+from vlm_compress.bench.run import main
+from vlm_compress.bench.task import ANSWERS
+
+TINY = ASSETS / "tiny-llava"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(TINY, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(TINY)
+
+
+def test_shipped_model_loads_offline_and_answers(shipped):
+    model, processor = shipped
+    items = shapes_items(8)
+    inputs = processor(images=[i.image for i in items], text=[f"USER: <image>\n{i.question} ASSISTANT:" for i in items],
+                       return_tensors="pt", padding=True)
+    assert (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist() == [144] * 8
+    out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert all(a.strip() in ANSWERS for a in answers), answers
+
+
+def test_shipped_weights_are_small():
+    size = sum(f.stat().st_size for f in TINY.glob("*.safetensors"))
+    assert 0 < size < 12 * 2**20
+
+
+def test_compress_works_on_the_shipped_model(shipped):
+    model, processor = shipped
+    item = shapes_items(1)[0]
+    inputs = processor(images=item.image, text=f"USER: <image>\n{item.question} ASSISTANT:", return_tensors="pt")
+    compress(model, budget=0.11, method="cls_attn")
+    try:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert model.compression.stats.kept_per_image == [16]  # round(0.11 · 144)
+    finally:
+        from vlm_compress import restore
+
+        restore(model)
+
+
+def test_quick_bench_run(tmp_path):
+    stem = tmp_path / "quick"
+    main(["--quick", "--out", str(stem), "--samples", "24", "--batch-size", "12"])
+    result = json.loads(stem.with_suffix(".json").read_text())
+    rows = result["rows"]
+    assert {r["method"] for r in rows} == {"none", "random", "pool"}
+    assert {r["budget"] for r in rows if r["method"] != "none"} == {1.0, 0.22}
+    full = rows[0]
+    assert full["llm_visual_tokens"] == 144 and full["agreement"] == 1.0
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and r["prefill_ms"] > 0
+        if r["budget"] == 1.0:  # identity at full budget
+            assert r["agreement"] == 1.0 and r["accuracy"] == full["accuracy"]
+    pooled = [r for r in rows if r["method"] == "pool" and r["budget"] == 0.22][0]
+    assert pooled["llm_visual_tokens"] == 25 and pooled["kv_cache_mb"] < full["kv_cache_mb"]  # 5×5 grid
+    assert "| random | 0.22 |" in stem.with_suffix(".md").read_text()
+    assert 0 < result["answer_prior"] < 0.6
+
+
+def test_jsonl_dataset(tmp_path):
+    items = shapes_items(3)
+    lines = []
+    for n, item in enumerate(items):
+        item.image.save(tmp_path / f"{n}.png")
+        lines.append(json.dumps({"image": f"{n}.png", "question": item.question, "answer": item.answer}))
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    loaded = jsonl_items(tmp_path / "data.jsonl")
+    assert [i.answer for i in loaded] == [i.answer for i in items] and loaded[0].image.size == (96, 96)
+    (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        jsonl_items(tmp_path / "bad.jsonl")
+
+
+def test_answer_prior_uses_majority_per_type():
+    items = shapes_items(300, "train")
+    assert 0.25 < answer_prior(items, items) < 0.5
