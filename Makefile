@@ -1,17 +1,16 @@
-# `make example` / `make test` work on a fresh machine: each sets up ./.venv first.
+# `make bench` / `make test` work on a fresh machine: each sets up ./.venv first (tools/setup_env.sh).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+EXTRAS ?= test,bench,lmms
 export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
-.PHONY: setup setup-bench example test bench bench-quick bench-speed
+.PHONY: setup example test bench bench-quick bench-speed train-tiny
 
 setup:
-	EXTRAS=test bash tools/setup_env.sh
-
-setup-bench:
-	EXTRAS=test,bench bash tools/setup_env.sh
+	EXTRAS=$(EXTRAS) bash tools/setup_env.sh
 
 example: setup
 	$(PY) examples/quickstart.py
@@ -19,11 +18,16 @@ example: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup-bench
+bench: setup
 	$(PY) -m vlm_compress.bench
 
-bench-quick: setup-bench
+bench-quick: setup
 	$(PY) -m vlm_compress.bench --quick
 
-bench-speed: setup-bench
+bench-speed: setup
 	$(PY) eval/speed_bench.py
+
+# Reproduce the shipped tiny-llava from scratch (see its train_log.json for the recorded runs).
+train-tiny: setup
+	$(PY) -m vlm_compress.bench.train --out vlm_compress/assets/tiny-llava --minutes 30
+	$(PY) -m vlm_compress.bench.train --out vlm_compress/assets/tiny-llava --minutes 60 --resume --freeze-vision --lr 5e-4 --warmup 50
