@@ -123,23 +123,27 @@ class GroundingProbe:
         return logits.softmax(-1).mean(1)[:, 0]
 
 
-def losses(model, heads, batch, probe: "GroundingProbe | None" = None):
+def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vision: bool = False):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     tower = model.model.vision_tower
-    out = tower(batch["pixel_values"], output_hidden_states=True)
+    with torch.set_grad_enabled(not freeze_vision and torch.is_grad_enabled()):
+        out = tower(batch["pixel_values"], output_hidden_states=True)
     feature_layer = out.hidden_states[-2]
     feats = model.model.multi_modal_projector(feature_layer[:, 1:])
-    patch_logits = heads.patch(feature_layer[:, 1:])
+    with torch.set_grad_enabled(not freeze_vision and torch.is_grad_enabled()):
+        patch_logits = heads.patch(feature_layer[:, 1:])
     weights = torch.ones(patch_logits.shape[-1])
     weights[0] = 0.1  # background dominates the patches
     patch_loss = F.cross_entropy(patch_logits.flatten(0, 1).float(), batch["patch_labels"].flatten(), weight=weights)
-    scene_loss = F.binary_cross_entropy_with_logits(heads.scene(out.pooler_output).float(), batch["scene_labels"])
-    g = heads.grid
-    where = heads.position(feature_layer[:, 1:]).float()  # [B, N, 2g]
-    cells = torch.arange(g * g)
-    position_loss = F.cross_entropy(where[..., :g].flatten(0, 1), (cells // g).repeat(where.shape[0])) + F.cross_entropy(
-        where[..., g:].flatten(0, 1), (cells % g).repeat(where.shape[0]))
+    scene_loss = position_loss = torch.zeros(())
+    if not freeze_vision:
+        scene_loss = F.binary_cross_entropy_with_logits(heads.scene(out.pooler_output).float(), batch["scene_labels"])
+        g = heads.grid
+        where = heads.position(feature_layer[:, 1:]).float()  # [B, N, 2g]
+        cells = torch.arange(g * g)
+        position_loss = F.cross_entropy(where[..., :g].flatten(0, 1), (cells // g).repeat(where.shape[0]))
+        position_loss = position_loss + F.cross_entropy(where[..., g:].flatten(0, 1), (cells % g).repeat(where.shape[0]))
     vqa = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(feats))},
@@ -197,6 +201,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--freeze-vision", action="store_true",
+                        help="train only the projector and the LLM (second stage, once the tower has converged)")
     parser.add_argument("--ground-layer", type=int, default=2,
                         help="LLM layer whose answer-position attention is supervised towards the asked-about objects "
                              "(-1: off)")
@@ -222,15 +228,19 @@ def main() -> None:
         log = {"args": vars(args), "dims": dataclasses.asdict(dims), "machine": f"{platform.processor()} x{os.cpu_count()}",
                "history": [], "seconds": 0.0, "steps": 0}
     processor = build_processor(tokenizer, dims)
-    params = list(model.parameters()) + list(heads.parameters())
+    if args.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+        heads.requires_grad_(False)
+    params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     step0, seconds0 = log["steps"], log["seconds"]
-    total_estimate = 10_000
+    total_estimate = step0 + int(args.minutes * 60 / 0.6)  # cosine over the expected steps of this run
 
     def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        return args.lr * max(0.1, 0.5 * (1 + math.cos(math.pi * min(step / total_estimate, 1.0))))
+        if step - step0 < args.warmup:
+            return args.lr * (step - step0 + 1) / args.warmup
+        progress = (step - step0) / max(total_estimate - step0, 1)
+        return args.lr * max(0.1, 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
     def save(step, seconds):
         model.save_pretrained(out, safe_serialization=True)
@@ -248,8 +258,8 @@ def main() -> None:
             group["lr"] = lr_at(step)
         batch = make_batch(task, tokenizer, "train", rng.integers(0, 10**9, args.batch_size), grid)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            vqa, patch, scene, patch_acc = losses(model, heads, batch, probe)
-        loss = vqa + patch + scene
+            vqa, patch, scene, patch_acc = losses(model, heads, batch, probe, args.freeze_vision)
+        loss = vqa + scene if args.freeze_vision else vqa + patch + scene
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
