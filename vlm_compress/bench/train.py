@@ -220,7 +220,8 @@ def main() -> None:
 
         model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
         heads = AuxHeads(dims.vision_hidden, grid)
-        heads.load_state_dict(torch.load(out / "aux_heads.pt"))
+        if (out / "aux_heads.pt").exists():  # training-only, not shipped: a fresh clone starts them anew
+            heads.load_state_dict(torch.load(out / "aux_heads.pt"))
         log = json.loads((out / "train_log.json").read_text())
         log.setdefault("resumed", []).append({"at_step": log["steps"], "args": vars(args)})
     else:
