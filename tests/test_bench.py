@@ -87,3 +87,11 @@ def test_jsonl_dataset(tmp_path):
 def test_answer_prior_uses_majority_per_type():
     items = shapes_items(300, "train")
     assert 0.25 < answer_prior(items, items) < 0.5
+
+
+def test_answer_matching():
+    from vlm_compress.bench.run import is_correct, normalise
+
+    assert is_correct(normalise(" Red "), "red") and is_correct("red red", "red")
+    assert not is_correct("green", "red") and not is_correct("", "red")
+    assert is_correct("top left corner", "top left") and not is_correct("top", "top left")

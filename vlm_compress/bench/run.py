@@ -58,6 +58,12 @@ def normalise(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
+def is_correct(prediction: str, answer: str) -> bool:
+    """Exact match after normalising, on as many leading words as the answer has (generation may run on)."""
+    words = normalise(answer).split()
+    return prediction.split()[: len(words)] == words
+
+
 class Runner:
     def __init__(self, model, processor, items: list[Item], prompt: str, batch_size: int, max_new_tokens: int):
         self.model, self.processor, self.items = model, processor, items
@@ -152,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         totals = totals or full_totals
         if method == "none":
             reference = answers
-        correct = [a == i.answer.lower() for a, i in zip(answers, items)]
+        correct = [is_correct(a, i.answer) for a, i in zip(answers, items)]
         accuracy = sum(correct) / len(items)
         per_type: dict[str, list[int]] = {}
         for ok, item in zip(correct, items):
