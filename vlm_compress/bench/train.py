@@ -123,7 +123,24 @@ class GroundingProbe:
         return logits.softmax(-1).mean(1)[:, 0]
 
 
-def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vision: bool = False):
+CONTENT_WORDS = {*COLORS, *SHAPES, "top", "bottom", "left", "right"}
+
+
+def question_targets(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """[B, L] positions holding the question's content words (colours, shapes, quadrant words)."""
+    content = torch.tensor(tokenizer.convert_tokens_to_ids(sorted(CONTENT_WORDS)))
+    return torch.isin(input_ids, content).float()
+
+
+def attention_mass_loss(row: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean of -log(attention mass on the targets) over rows that have targets. row, targets: [B, L]."""
+    has = targets.sum(1) > 0
+    mass = (row * targets).sum(1).clamp_min(1e-6)
+    return -(mass.log() * has).sum() / has.sum().clamp_min(1)
+
+
+def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vision: bool = False,
+           question_probe: "GroundingProbe | None" = None):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     tower = model.model.vision_tower
@@ -153,12 +170,11 @@ def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vi
     if probe is not None:
         row = probe.row(-3)  # the position that predicts the answer (answer and EOS are the last two tokens)
         image = batch["input_ids"] == model.config.image_token_id
-        targets = batch["targets"]
-        has = targets.sum(1) > 0
         target_cols = torch.zeros_like(row)
-        target_cols[image] = targets.flatten()  # every row holds exactly N image tokens
-        mass = (row * target_cols).sum(1).clamp_min(1e-6)
-        ground_loss = -(mass.log() * has).sum() / has.sum().clamp_min(1)
+        target_cols[image] = batch["targets"].flatten()  # every row holds exactly N image tokens
+        ground_loss = attention_mass_loss(row, target_cols)
+    if question_probe is not None:  # the answer position gathers the question's content words first
+        ground_loss = ground_loss + attention_mass_loss(question_probe.row(-3), batch["question_targets"])
     return vqa.loss, patch_loss, scene_loss + position_loss + ground_loss, patch_acc
 
 
@@ -203,6 +219,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--freeze-vision", action="store_true",
                         help="train only the projector and the LLM (second stage, once the tower has converged)")
+    parser.add_argument("--question-layer", type=int, default=1,
+                        help="LLM layer whose answer-position attention is supervised towards the question's content "
+                             "words (-1: off)")
     parser.add_argument("--ground-layer", type=int, default=2,
                         help="LLM layer whose answer-position attention is supervised towards the asked-about objects "
                              "(-1: off)")
@@ -251,6 +270,7 @@ def main() -> None:
         (out / "train_log.json").write_text(json.dumps(log, indent=1))
 
     probe = GroundingProbe(model, args.ground_layer) if args.ground_layer >= 0 else None
+    question_probe = GroundingProbe(model, args.question_layer) if args.question_layer >= 0 else None
     model.train()
     start, step = time.time(), step0
     rng = np.random.default_rng(args.seed + step0)
@@ -258,8 +278,9 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         batch = make_batch(task, tokenizer, "train", rng.integers(0, 10**9, args.batch_size), grid)
+        batch["question_targets"] = question_targets(batch["input_ids"], tokenizer)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            vqa, patch, scene, patch_acc = losses(model, heads, batch, probe, args.freeze_vision)
+            vqa, patch, scene, patch_acc = losses(model, heads, batch, probe, args.freeze_vision, question_probe)
         loss = vqa + scene if args.freeze_vision else vqa + patch + scene
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -276,8 +297,9 @@ def main() -> None:
         if step % args.save_every == 0:
             save(step, seconds0 + time.time() - start)
     save(step, seconds0 + time.time() - start)
-    if probe is not None:
-        probe.handle.remove()
+    for p in (probe, question_probe):
+        if p is not None:
+            p.handle.remove()
 
 
 if __name__ == "__main__":
