@@ -95,3 +95,13 @@ def test_answer_matching():
     assert is_correct(normalise(" Red "), "red") and is_correct("red red", "red")
     assert not is_correct("green", "red") and not is_correct("", "red")
     assert is_correct("top left corner", "top left") and not is_correct("top", "top left")
+
+
+def test_method_specs_with_options():
+    from vlm_compress.bench.run import parse_method
+
+    assert parse_method("random") == ("random", {})
+    assert parse_method("cls_attn:layer=-1,kind=logits") == ("cls_attn", {"layer": -1, "kind": "logits"})
+    assert parse_method("visionzip:contextual_ratio=0.25") == ("visionzip", {"contextual_ratio": 0.25})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method("cls_attn:layer")

@@ -54,6 +54,23 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
     return model, processor
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"cls_attn:layer=-1,kind=logits"`` → ``("cls_attn", {"layer": -1, "kind": "logits"})``."""
+    import ast
+
+    name, _, options = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
+    return name, kwargs
+
+
 def normalise(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
@@ -148,7 +165,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     full_totals = full_cost(model, runner)
     for method, budget in configs:
         if method != "none":
-            compress(model, budget=budget, method=method)
+            name, options = parse_method(method)
+            compress(model, budget=budget, method=name, **options)
         try:
             answers, totals = runner.answers()
             prefill_ms, decode_ms, peak = runner.speed(args.repeats)
@@ -281,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="local LLaVA checkpoint (default: the embedded tiny-llava)")
     parser.add_argument("--dataset", help="local JSONL of image, question, answer (default: ShapesVQA held-out split)")
     parser.add_argument("--prompt", default="USER: <image>\n{question} ASSISTANT:")
-    parser.add_argument("--methods", nargs="+", default=list_methods("encoder"))
+    parser.add_argument("--methods", nargs="+", default=list_methods("encoder"),
+                        help="method names, optionally with options: cls_attn:layer=-1,kind=logits")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=50)
@@ -296,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.samples, args.budgets, args.repeats = 40, [1.0, 0.22], 2
         args.methods = [m for m in ("random", "pool") if m in args.methods] or args.methods[:2]
-    unknown = sorted(set(args.methods) - set(list_methods()))
+    unknown = sorted({parse_method(m)[0] for m in args.methods} - set(list_methods()))
     if unknown:
         parser.error(f"unknown methods {unknown}; available: {list_methods()}")
     start = time.time()
