@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm_compress import compress, list_methods, restore  # noqa: E402
-from vlm_compress.bench.timing import PeakMemory, machine_description, timed  # noqa: E402
+from vlm_compress.bench.timing import PeakMemory, decode_ms_per_token, machine_description, timed  # noqa: E402
 from vlm_compress.stats import prefill_flops, vision_flops  # noqa: E402
 from vlm_compress.testing import BENCH_DIMS, LLAVA_7B_DIMS, build_llava, build_processor, build_tokenizer, random_images  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
             model(**inputs, use_cache=True, logits_to_keep=1)
 
     def generate(tokens):
-        return lambda: model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
     def encode():
         with torch.no_grad():
@@ -67,7 +67,6 @@ def main() -> None:
 
     prompt_len = int(inputs["attention_mask"].sum())
     configs = [("none", 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
-    references = sorted({prompt_len})  # text-only lengths for the zero-overhead reference, filled below
 
     def apply(method, budget):
         if method != "none":
@@ -112,8 +111,7 @@ def main() -> None:
             if method != "none":
                 entry["vision"].append(model.compression.stats.encode_ms)
                 entry["select"].append(model.compression.stats.select_ms)
-            # decode per token = difference of two generate lengths (cancels prefill and set-up)
-            entry["decode"].append((timed(generate(2 + n), device, 1) - timed(generate(2), device, 1)) / n * 1e3)
+            entry["decode"].append(decode_ms_per_token(generate, device, n))
             remove(method)
         print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
 

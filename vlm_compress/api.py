@@ -119,8 +119,8 @@ def compress(
     encoder = EncoderStage(adapter, encoder_configs[0]) if encoder_configs else None
     state = CompressionState(configs=configs, adapter=adapter, encoder=encoder)
     if encoder is not None:
-        patch_method(model, "forward", lambda original: _compressed_forward(model, state, original))
-        patch_method(model, "generate", lambda original: _compressed_generate(model, state, original))
+        patch_method(model, "forward", lambda original: _compressed_forward(state, original))
+        patch_method(model, "generate", lambda original: _compressed_generate(state, original))
     model.__dict__[_STATE_ATTR] = state
     return model
 
@@ -191,7 +191,7 @@ def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs |
     return rewritten
 
 
-def _compressed_forward(model: nn.Module, state: CompressionState, original: Any):
+def _compressed_forward(state: CompressionState, original: Any):
     signature = inspect.signature(original)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -207,7 +207,7 @@ def _compressed_forward(model: nn.Module, state: CompressionState, original: Any
     return forward
 
 
-def _compressed_generate(model: nn.Module, state: CompressionState, original: Any):
+def _compressed_generate(state: CompressionState, original: Any):
     def generate(*args: Any, **kwargs: Any) -> Any:
         call = dict(kwargs)
         if args:

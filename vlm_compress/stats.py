@@ -81,6 +81,12 @@ def kv_cache_bytes(tokens_per_layer: Sequence[Sequence[int]], text_config: Any, 
     return int(sum(2 * n * kv_heads * head_dim * element_size for sample in tokens_per_layer for n in sample))
 
 
+def prompt_costs(lengths: Sequence[int], text_config: Any, element_size: int) -> tuple[float, int]:
+    """(prefill FLOPs, KV-cache bytes) of prompts with these non-padding lengths when every layer sees them all."""
+    per_layer = [[n] * text_config.num_hidden_layers for n in lengths]
+    return prefill_flops(per_layer, text_config), kv_cache_bytes(per_layer, text_config, element_size)
+
+
 def vision_flops(vision_config: Any, tokens: int, images: int = 1) -> float:
     """FLOPs of a ViT (CLIP-style: q/k/v/o projections, 2-matrix MLP) over ``tokens`` per image, all layers.
 

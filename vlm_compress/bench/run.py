@@ -17,11 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from types import SimpleNamespace
+
 import torch
 
 from .. import compress, list_methods, restore
+from ..stats import prompt_costs
 from .data import ASSETS, Item, answer_prior, jsonl_items, shapes_items
-from .timing import PeakMemory, machine_description, timed
+from .timing import PeakMemory, decode_ms_per_token, machine_description, timed
 
 BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
 RESULTS = Path.cwd() / "eval" / "results"
@@ -103,12 +106,20 @@ class Runner:
             ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
             out += [normalise(t) for t in self.processor.batch_decode(ids[:, width:], skip_special_tokens=True)]
             state = getattr(self.model, "compression", None)
-            if state is not None and state.stats is not None:
-                s = state.stats
-                for key in ("images", "visual_tokens_kept", "prefill_flops", "kv_cache_bytes", "select_ms"):
-                    totals[key] = totals.get(key, 0) + getattr(s, key)
-                totals["layer_avg"] = totals.get("layer_avg", 0) + s.layer_avg_visual_tokens * s.images
+            batch = state.stats if state is not None and state.stats is not None else self._uncompressed(inputs)
+            for key in ("images", "visual_tokens_kept", "prefill_flops", "kv_cache_bytes", "select_ms"):
+                totals[key] = totals.get(key, 0) + getattr(batch, key)
+            totals["layer_avg"] = totals.get("layer_avg", 0) + batch.layer_avg_visual_tokens * batch.images
         return out, totals
+
+    def _uncompressed(self, inputs) -> SimpleNamespace:
+        """The cost fields of :class:`CompressionStats` for a batch the stock model runs whole."""
+        visual = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
+        images = inputs["pixel_values"].shape[0]
+        element = torch.finfo(self.model.dtype).bits // 8
+        flops, kv = prompt_costs(inputs["attention_mask"].sum(dim=1).tolist(), self.model.config.text_config, element)
+        return SimpleNamespace(images=images, visual_tokens_kept=visual, layer_avg_visual_tokens=visual / images,
+                               prefill_flops=flops, kv_cache_bytes=kv, select_ms=0.0)
 
     def speed(self, repeats: int, new_tokens: int = 16) -> tuple[float, float, float]:
         """(prefill ms, decode ms/token, peak MB) for the first item alone (batch 1)."""
@@ -119,24 +130,13 @@ class Runner:
                 self.model(**one, use_cache=True, logits_to_keep=1)
 
         def gen(n):
-            return lambda: self.model.generate(**one, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            self.model.generate(**one, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
         prefill()
         with PeakMemory(self.device) as mem:
             prefill()
         t_prefill = timed(prefill, self.device, repeats)
-        t_decode = (timed(gen(2 + new_tokens), self.device, repeats) - timed(gen(2), self.device, repeats)) / new_tokens
-        return t_prefill * 1e3, t_decode * 1e3, mem.peak / 2**20
-
-
-def full_cost(model, runner: Runner) -> dict[str, float]:
-    """Stats of the uncompressed model, read through an identity compression (budget 1.0 keeps every token)."""
-    compress(model, budget=1.0, method="random")
-    try:
-        _, totals = runner.answers()
-    finally:
-        restore(model)
-    return totals
+        return t_prefill * 1e3, decode_ms_per_token(gen, self.device, new_tokens, repeats), mem.peak / 2**20
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -162,7 +162,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = _progress(len(configs))
     rows: list[Row] = []
     reference: list[str] = []
-    full_totals = full_cost(model, runner)
     for method, budget in configs:
         if method != "none":
             name, options = parse_method(method)
@@ -173,7 +172,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             if method != "none":
                 restore(model)
-        totals = totals or full_totals
         if method == "none":
             reference = answers
         correct = [is_correct(a, i.answer) for a, i in zip(answers, items)]

@@ -26,6 +26,16 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> f
     return statistics.median(times)
 
 
+def decode_ms_per_token(generate: Callable[[int], object], device: torch.device, new_tokens: int, repeats: int = 1) -> float:
+    """Milliseconds per decode step: ``(t(2 + n) - t(2)) / n`` over ``generate(max_new_tokens)`` calls.
+
+    The difference of two generation lengths cancels the prefill and generate's set-up.
+    """
+    long = timed(lambda: generate(2 + new_tokens), device, repeats)
+    short = timed(lambda: generate(2), device, repeats)
+    return (long - short) / new_tokens * 1e3
+
+
 def _malloc_trim() -> None:
     try:
         import ctypes

@@ -18,7 +18,7 @@ from ..adapters.base import Adapter
 from ..budget import tokens_to_keep
 from ..pruners.base import EncoderContext, EncoderPruner, EncoderSelection
 from ..scoring import AttentionCapture
-from ..stats import CompressionStats, kv_cache_bytes, prefill_flops
+from ..stats import CompressionStats, prompt_costs
 
 
 @dataclasses.dataclass
@@ -149,12 +149,11 @@ class EncoderStage:
         select_s: float,
     ) -> CompressionStats:
         text_config = self.adapter.text_config
-        layers = text_config.num_hidden_layers
         full_lengths = valid.sum(dim=1).tolist()
         new_lengths = survive.sum(dim=1).tolist()
-        full = [[n] * layers for n in full_lengths]
-        compressed = [[n] * layers for n in new_lengths]
         element = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+        flops, kv = prompt_costs(new_lengths, text_config, element)
+        flops_full, kv_full = prompt_costs(full_lengths, text_config, element)
         kept = sum(keep)
         return CompressionStats(
             images=len(keep),
@@ -163,10 +162,10 @@ class EncoderStage:
             layer_avg_visual_tokens=kept / len(keep),
             prompt_tokens_in=sum(full_lengths),
             prompt_tokens_llm=sum(new_lengths),
-            prefill_flops=prefill_flops(compressed, text_config),
-            prefill_flops_full=prefill_flops(full, text_config),
-            kv_cache_bytes=kv_cache_bytes(compressed, text_config, element),
-            kv_cache_bytes_full=kv_cache_bytes(full, text_config, element),
+            prefill_flops=flops,
+            prefill_flops_full=flops_full,
+            kv_cache_bytes=kv,
+            kv_cache_bytes_full=kv_full,
             encode_ms=encode_s * 1e3,
             select_ms=select_s * 1e3,
             kept_per_image=list(keep),
