@@ -190,6 +190,49 @@ class ShapesTask:
         answer = "yes" if objects[0].col < objects[1].col else "no"
         return objects, f"is the {s1} left of the {s2} ?", answer
 
+    # ---- further questions about a given scene (multi-turn training) -----------------------------------
+    def questions_about(self, objects: list[SceneObject], rng: np.random.Generator, count: int) -> list[tuple[str, str, str]]:
+        """Up to ``count`` extra ``(question, answer, qtype)`` that are valid for ``objects``, types drawn uniformly
+        among those the scene supports. Used to train on several turns per image; the held-out splits stay
+        single-question (:meth:`sample_at`)."""
+        shapes = [o.shape for o in objects]
+        colors = [o.color for o in objects]
+        unique_shapes = [s for s in SHAPES if shapes.count(s) == 1]
+        unique_colors = [c for c in COLORS if colors.count(c) == 1]
+        by_quadrant = {q: [o for o in objects if self._quadrant(o.row, o.col) == q] for q in QUADRANTS}
+        lone_quadrants = [q for q, objs in by_quadrant.items() if len(objs) == 1]
+        pairs = [(a, b) for a in objects for b in objects if a is not b and a.shape in unique_shapes
+                 and b.shape in unique_shapes and abs(a.col - b.col) >= 2]
+        countable = [s for s in SHAPES if shapes.count(s) < len(COUNTS)]
+        makers = {
+            "color_of_shape": unique_shapes and (lambda: (lambda s: (f"what color is the {s} ?", colors[shapes.index(s)]))(
+                unique_shapes[rng.integers(len(unique_shapes))])),
+            "shape_of_color": unique_colors and (lambda: (lambda c: (f"what shape is the {c} object ?", shapes[colors.index(c)]))(
+                unique_colors[rng.integers(len(unique_colors))])),
+            "presence": lambda: self._presence_about(objects, rng),
+            "count": countable and (lambda: (lambda s: (f"how many {s} are there ?", str(shapes.count(s))))(
+                countable[rng.integers(len(countable))])),
+            "region": lone_quadrants and (lambda: (lambda q: (f"what color is the object at the {q} ?", by_quadrant[q][0].color))(
+                lone_quadrants[rng.integers(len(lone_quadrants))])),
+            "relative": pairs and (lambda: (lambda a, b: (f"is the {a.shape} left of the {b.shape} ?", "yes" if a.col < b.col else "no"))(
+                *pairs[rng.integers(len(pairs))])),
+        }
+        valid = [t for t, make in makers.items() if make]
+        out = []
+        for _ in range(count):
+            qtype = valid[rng.integers(len(valid))]
+            out.append((*makers[qtype](), qtype))
+        return out
+
+    def _presence_about(self, objects, rng):
+        present = sorted({(o.color, o.shape) for o in objects})
+        if rng.random() < 0.5:
+            color, shape = present[rng.integers(len(present))]
+            return f"is there a {color} {shape} ?", "yes"
+        absent = [(c, s) for s in SHAPES for c in COLORS if (c, s) not in present]
+        color, shape = absent[rng.integers(len(absent))]
+        return f"is there a {color} {shape} ?", "no"
+
     # ---- rendering --------------------------------------------------------------------------------------
     def _render(self, objects: list[SceneObject], rng: np.random.Generator) -> np.ndarray:
         h, w = self.height, self.width

@@ -56,16 +56,28 @@ class AuxHeads(nn.Module):
         self.position = nn.Linear(vision_hidden, 2 * grid)  # row and column of every patch
 
 
-def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int):
+def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int, turns: int = 1, rng=None):
+    """A training batch; with ``turns > 1`` each image gets a conversation of that many questions (LLaVA's
+    multi-turn format, ``... ASSISTANT: a </s> USER: q ASSISTANT: a </s>``), so one pass over its 144 image tokens
+    trains several answers. The first question is the generator's own."""
     samples = [task.sample_at(split, int(i)) for i in indices]
     pixels = np.stack([s.image for s in samples]).astype(np.float32) / 255.0
     pixels = torch.from_numpy(((pixels - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2).copy())
     n_tokens = grid * grid
-    prompts = [s.prompt.replace("<image>", "<image>" * n_tokens) for s in samples]
-    full = [p + " " + s.answer + " </s>" for p, s in zip(prompts, samples)]
-    enc = tokenizer(full, return_tensors="pt", padding=True)
-    labels = torch.full_like(enc.input_ids, -100)
-    labels[:, -2:] = enc.input_ids[:, -2:]  # answer and EOS (left padding keeps them last)
+    conversations = [[(s.question, s.answer, s.qtype)] + (task.questions_about(s.objects, rng, turns - 1) if turns > 1 else [])
+                     for s in samples]
+    texts = []
+    for s, turns_of in zip(samples, conversations):
+        text = s.prompt.replace("<image>", "<image>" * n_tokens) + f" {s.answer} </s>"
+        texts.append(text + "".join(f" USER: {q} ASSISTANT: {a} </s>" for q, a, _ in turns_of[1:]))
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    ids = enc.input_ids
+    assistant = ids == tokenizer.convert_tokens_to_ids("ASSISTANT:")
+    answer_positions = assistant.nonzero()[:, 1].view(len(samples), turns)  # [B, T]: the positions predicting answers
+    labels = torch.full_like(ids, -100)
+    for offset in (1, 2):  # the answer and its EOS
+        rows = torch.arange(len(samples))[:, None].expand(-1, turns)
+        labels[rows, answer_positions + offset] = ids[rows, answer_positions + offset]
     patch_labels = torch.zeros(len(samples), n_tokens, dtype=torch.long)
     scene_labels = torch.zeros(len(samples), len(PAIRS))
     for b, s in enumerate(samples):
@@ -73,24 +85,26 @@ def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int):
             pair = PAIRS.index((o.shape, o.color))
             patch_labels[b, o.row * grid + o.col] = 1 + pair
             scene_labels[b, pair] = 1.0
-    return dict(pixel_values=pixels, input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels,
-                patch_labels=patch_labels, scene_labels=scene_labels, targets=target_masks(samples, grid), samples=samples)
+    targets = torch.stack([torch.stack([target_mask(q, t, s.objects, grid) for q, _, t in conv])
+                           for s, conv in zip(samples, conversations)])  # [B, T, N]
+    return dict(pixel_values=pixels, input_ids=ids, attention_mask=enc.attention_mask, labels=labels,
+                patch_labels=patch_labels, scene_labels=scene_labels, targets=targets,
+                answer_positions=answer_positions, samples=samples)
 
 
-def target_masks(samples, grid: int) -> torch.Tensor:
-    """[B, N] image tokens a question is about: the objects whose shape/colour/quadrant the question names."""
-    masks = torch.zeros(len(samples), grid * grid)
-    for b, s in enumerate(samples):
-        words = s.question.split()
-        for o in s.objects:
-            if s.qtype == "count":
-                hit = o.shape == words[2]
-            elif s.qtype == "region":  # the only object in the named quadrant
-                hit = ((o.row < grid / 2) == (words[7] == "top")) and ((o.col < grid / 2) == (words[8] == "left"))
-            else:
-                hit = o.shape in words or o.color in words
-            masks[b, o.row * grid + o.col] = float(hit)
-    return masks
+def target_mask(question: str, qtype: str, objects, grid: int) -> torch.Tensor:
+    """[N] image tokens a question is about: the objects whose shape/colour/quadrant it names."""
+    mask = torch.zeros(grid * grid)
+    words = question.split()
+    for o in objects:
+        if qtype == "count":
+            hit = o.shape == words[2]
+        elif qtype == "region":  # the only object in the named quadrant
+            hit = ((o.row < grid / 2) == (words[7] == "top")) and ((o.col < grid / 2) == (words[8] == "left"))
+        else:
+            hit = o.shape in words or o.color in words
+        mask[o.row * grid + o.col] = float(hit)
+    return mask
 
 
 class GroundingProbe:
@@ -108,34 +122,38 @@ class GroundingProbe:
         self.hidden = kwargs.get("hidden_states", args[0] if args else None)
         self.cos_sin = kwargs.get("position_embeddings")
 
-    def row(self, position: int) -> torch.Tensor:
-        """[B, L] head-mean attention probabilities of ``position`` over all positions (causal)."""
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, T, L] head-mean attention probabilities of the ``positions`` ([B, T]) over all positions (causal)."""
         a = self.attn
         h = self.hidden
         b, length, _ = h.shape
-        q = a.q_proj(h).view(b, length, -1, a.head_dim).transpose(1, 2)
+        cos, sin = (t.expand(b, -1, -1) for t in self.cos_sin)
+        at = lambda x: x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+        q = a.q_proj(at(h)).view(b, -1, a.config.num_attention_heads, a.head_dim).transpose(1, 2)
         k = a.k_proj(h).view(b, length, -1, a.head_dim).transpose(1, 2)
-        cos, sin = self.cos_sin
-        q, k = self.rope(q, k, cos, sin)
-        pos = position % length
-        logits = (q[:, :, pos : pos + 1] @ k.transpose(-1, -2)).float() * a.scaling  # [B, H, 1, L]
-        logits[..., pos + 1 :] = float("-inf")
-        return logits.softmax(-1).mean(1)[:, 0]
+        q, _ = self.rope(q, q, at(cos), at(sin))
+        _, k = self.rope(k, k, cos, sin)
+        logits = (q @ k.transpose(-1, -2)).float() * a.scaling  # [B, H, T, L]
+        future = torch.arange(length) > positions[:, None, :, None]
+        return logits.masked_fill(future, float("-inf")).softmax(-1).mean(1)
 
 
 CONTENT_WORDS = {*COLORS, *SHAPES, "top", "bottom", "left", "right"}
 
 
-def question_targets(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """[B, L] positions holding the question's content words (colours, shapes, quadrant words)."""
-    content = torch.tensor(tokenizer.convert_tokens_to_ids(sorted(CONTENT_WORDS)))
-    return torch.isin(input_ids, content).float()
+def question_targets(input_ids: torch.Tensor, answer_positions: torch.Tensor, tokenizer) -> torch.Tensor:
+    """[B, T, L] for each turn, the positions of its question's content words (colours, shapes, quadrant words)."""
+    content = torch.isin(input_ids, torch.tensor(tokenizer.convert_tokens_to_ids(sorted(CONTENT_WORDS))))
+    where = torch.arange(input_ids.shape[1])
+    previous = torch.cat([torch.zeros_like(answer_positions[:, :1]), answer_positions[:, :-1] + 2], 1)  # [B, T]: last EOS
+    in_turn = (where > previous[..., None]) & (where < answer_positions[..., None])
+    return (in_turn & content[:, None]).float()
 
 
 def attention_mass_loss(row: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean of -log(attention mass on the targets) over rows that have targets. row, targets: [B, L]."""
-    has = targets.sum(1) > 0
-    mass = (row * targets).sum(1).clamp_min(1e-6)
+    """Mean of -log(attention mass on the targets) over rows that have targets. row, targets: [..., L]."""
+    has = targets.sum(-1) > 0
+    mass = (row * targets).sum(-1).clamp_min(1e-6)
     return -(mass.log() * has).sum() / has.sum().clamp_min(1)
 
 
@@ -168,13 +186,14 @@ def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vi
     patch_acc = (patch_logits.argmax(-1) == batch["patch_labels"])[batch["patch_labels"] > 0].float().mean()
     ground_loss = torch.zeros(())
     if probe is not None:
-        row = probe.row(-3)  # the position that predicts the answer (answer and EOS are the last two tokens)
-        image = batch["input_ids"] == model.config.image_token_id
-        target_cols = torch.zeros_like(row)
+        rows = probe.rows(batch["answer_positions"])  # [B, T, L]
+        image = (batch["input_ids"] == model.config.image_token_id)[:, None].expand_as(rows)
+        target_cols = torch.zeros_like(rows)
         target_cols[image] = batch["targets"].flatten()  # every row holds exactly N image tokens
-        ground_loss = attention_mass_loss(row, target_cols)
+        ground_loss = attention_mass_loss(rows, target_cols)
     if question_probe is not None:  # the answer position gathers the question's content words first
-        ground_loss = ground_loss + attention_mass_loss(question_probe.row(-3), batch["question_targets"])
+        ground_loss = ground_loss + attention_mass_loss(question_probe.rows(batch["answer_positions"]),
+                                                        batch["question_targets"])
     return vqa.loss, patch_loss, scene_loss + position_loss + ground_loss, patch_acc
 
 
@@ -214,6 +233,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--turns", type=int, default=6, help="questions per image in a training conversation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -254,12 +274,11 @@ def main() -> None:
     params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     step0, seconds0 = log["steps"], log["seconds"]
-    total_estimate = step0 + int(args.minutes * 60 / 0.6)  # cosine over the expected steps of this run
 
-    def lr_at(step):
+    def lr_at(step):  # linear warm-up, then a cosine over this run's wall-clock time
         if step - step0 < args.warmup:
             return args.lr * (step - step0 + 1) / args.warmup
-        progress = (step - step0) / max(total_estimate - step0, 1)
+        progress = (time.time() - start) / (args.minutes * 60)
         return args.lr * max(0.1, 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
     def save(step, seconds):
@@ -277,8 +296,8 @@ def main() -> None:
     while time.time() - start < args.minutes * 60:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        batch = make_batch(task, tokenizer, "train", rng.integers(0, 10**9, args.batch_size), grid)
-        batch["question_targets"] = question_targets(batch["input_ids"], tokenizer)
+        batch = make_batch(task, tokenizer, "train", rng.integers(0, 10**9, args.batch_size), grid, args.turns, rng)
+        batch["question_targets"] = question_targets(batch["input_ids"], batch["answer_positions"], tokenizer)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             vqa, patch, scene, patch_acc = losses(model, heads, batch, probe, args.freeze_vision, question_probe)
         loss = vqa + scene if args.freeze_vision else vqa + patch + scene
