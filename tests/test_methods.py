@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from vlm_compress.adapters.base import ImageBatch
+from vlm_compress.adapters.base import ImageBatch, TokenLayout
 from vlm_compress.ops import pooled_grid_shape
 from vlm_compress.pruners.base import EncoderContext
 from vlm_compress.pruners.cls_attn import ClsAttnPruner
@@ -32,12 +32,12 @@ def context(features, keep, rows=None, keys=None, grid=(2, 3), vision=None, offs
     i, n, _ = features.shape
     rows = rows if rows is not None else torch.zeros(i, n + offset)
     keys = keys if keys is not None else torch.zeros(i, n + offset, 2)
+    tower = n + offset
     images = ImageBatch(
         features=features,
         vision_features=vision if vision is not None else features,
-        grid=grid,
-        prefix=n - grid[0] * grid[1],
-        tower_offset=offset,
+        layout=TokenLayout.single_grid(grid, n - grid[0] * grid[1]),
+        source=torch.arange(i)[:, None] * tower + offset + torch.arange(n),
         project=project or (lambda x: x),
     )
     return EncoderContext(images=images, keep=[keep] * i, image_index_in_prompt=list(range(i)), capture=FakeCapture(rows, keys))

@@ -27,6 +27,8 @@ class CompressionStats:
     encode_ms: float  # vision tower + projector, including score capture
     select_ms: float  # scoring and selection/merging, excluding the tower
     kept_per_image: list[int]
+    newlines_in: int = 0  # LLaVA-NeXT newline tokens among visual_tokens_in (counted as visual tokens)
+    newlines_kept: int = 0  # of those, how many reach the LLM
 
     @property
     def visual_tokens_per_image_in(self) -> float:

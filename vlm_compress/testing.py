@@ -83,13 +83,10 @@ BENCH_DIMS = LlavaDims(
 )
 
 
-def build_llava(tokenizer=None, dims: LlavaDims | None = None, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A random-weight ``LlavaForConditionalGeneration`` (SDPA attention) for ``tokenizer``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def _configs(tokenizer, dims: LlavaDims) -> dict:
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    dims = dims or LlavaDims()
-    config = LlavaConfig(
+    return dict(
         vision_config=CLIPVisionConfig(
             hidden_size=dims.vision_hidden,
             intermediate_size=4 * dims.vision_hidden,
@@ -114,11 +111,42 @@ def build_llava(tokenizer=None, dims: LlavaDims | None = None, seed: int = 0, dt
         vision_feature_layer=-2,
         vision_feature_select_strategy=dims.vision_feature_select_strategy,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+
+
+def _finish(model, tokenizer, seed: int, dtype: torch.dtype):
+    model = model.to(dtype).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def build_llava(tokenizer=None, dims: LlavaDims | None = None, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random-weight ``LlavaForConditionalGeneration`` (SDPA attention) for ``tokenizer``."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    config = LlavaConfig(**_configs(tokenizer, dims or LlavaDims()))
+    torch.manual_seed(seed)
+    return _finish(LlavaForConditionalGeneration(config), tokenizer, seed, dtype)
+
+
+def anyres_pinpoints(dims: LlavaDims, max_crops: int = 4) -> list[list[int]]:
+    """LLaVA-NeXT grid pinpoints in units of the tower's image size: every (rows, cols) with rows·cols ≤ max_crops."""
+    s = dims.image_size
+    return [[r * s, c * s] for r in range(1, max_crops + 1) for c in range(1, max_crops + 1)
+            if r * c <= max_crops and (r, c) != (1, 1)]
+
+
+def build_llava_next(tokenizer=None, dims: LlavaDims | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     pinpoints: list[list[int]] | None = None):
+    """A random-weight ``LlavaNextForConditionalGeneration`` (AnyRes: thumbnail + crops + newlines)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    dims = dims or LlavaDims()
+    config = LlavaNextConfig(**_configs(tokenizer, dims), image_grid_pinpoints=pinpoints or anyres_pinpoints(dims))
+    torch.manual_seed(seed)
+    return _finish(LlavaNextForConditionalGeneration(config), tokenizer, seed, dtype)
 
 
 def build_processor(tokenizer=None, dims: LlavaDims | None = None):
@@ -131,6 +159,27 @@ def build_processor(tokenizer=None, dims: LlavaDims | None = None):
     size = dims.image_size
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=dims.patch_size,
+        vision_feature_select_strategy=dims.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+
+
+def build_next_processor(tokenizer=None, dims: LlavaDims | None = None, pinpoints: list[list[int]] | None = None):
+    """A stock ``LlavaNextProcessor`` (PIL image backend) matching :func:`build_llava_next`."""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    dims = dims or LlavaDims()
+    size = dims.image_size
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=pinpoints or anyres_pinpoints(dims),
+    )
+    return LlavaNextProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=dims.patch_size,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, ImageBatch
+from .base import Adapter, ImageBatch, TokenLayout
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter)
 
 
 def supported_model_classes() -> list[str]:
@@ -30,4 +31,4 @@ def get_adapter(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "ImageBatch", "get_adapter", "supported_model_classes"]
+__all__ = ["Adapter", "ImageBatch", "TokenLayout", "get_adapter", "supported_model_classes"]

@@ -1,31 +1,116 @@
-"""What a model family tells the stages: where the vision tower, projector and image placeholders are."""
+"""What a model family tells the stages: where the vision tower, projector and image placeholders are, and how
+each image's visual tokens are laid out (one grid; or a thumbnail, crops and newlines)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 from torch import nn
 
+OUTSIDE = -1  # partition/cell/crop value of tokens outside any grid (CLS prefix, newline)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Where each of an image's ``N`` visual tokens sits; shared by all images of an :class:`ImageBatch`.
+
+    partition: ``[N]`` 0 for the base grid (LLaVA-1.5's only grid, LLaVA-NeXT's thumbnail), 1 for the
+        high-resolution grid tiled from crops (LLaVA-NeXT, unpadded), -1 outside any grid (CLS prefix, newline).
+    cell: ``[N, 2]`` (row, col) in the token's partition grid; -1 outside.
+    crop: ``[N]`` index of the crop a high-resolution token comes from (row-major over ``crop_layout``); -1 otherwise.
+    newline: ``[N]`` bool, LLaVA-NeXT's ``image_newline`` tokens (one after each high-resolution row).
+    grids: ``{partition: (rows, cols)}``. crop_layout: crops as (rows, cols); ``(0, 0)`` without AnyRes.
+    """
+
+    partition: torch.Tensor
+    cell: torch.Tensor
+    crop: torch.Tensor
+    newline: torch.Tensor
+    grids: dict[int, tuple[int, int]]
+    crop_layout: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def single_grid(cls, grid: tuple[int, int], prefix: int = 0) -> "TokenLayout":
+        """``prefix`` tokens outside the grid, then an ``h×w`` grid in raster order (LLaVA-1.5)."""
+        h, w = grid
+        rows, cols = torch.arange(h * w) // w, torch.arange(h * w) % w
+        outside = torch.full((prefix,), OUTSIDE)
+        return cls(
+            partition=torch.cat([outside, torch.zeros(h * w, dtype=torch.long)]),
+            cell=torch.cat([torch.full((prefix, 2), OUTSIDE), torch.stack([rows, cols], 1)]),
+            crop=torch.full((prefix + h * w,), OUTSIDE),
+            newline=torch.zeros(prefix + h * w, dtype=torch.bool),
+            grids={0: (h, w)},
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.partition.shape[0]
+
+    @property
+    def num_newlines(self) -> int:
+        return int(self.newline.sum())
+
+    @property
+    def is_anyres(self) -> bool:
+        return 1 in self.grids
+
+    def tokens_of(self, partition: int) -> torch.Tensor:
+        """``[n_p]`` token indices of ``partition`` in raster order of its grid."""
+        index = (self.partition == partition).nonzero().squeeze(1)
+        cols = self.grids[partition][1]
+        order = (self.cell[index, 0] * cols + self.cell[index, 1]).argsort()
+        return index[order]
+
+    def key(self) -> Hashable:
+        """Images whose layouts have equal keys have identical layouts (the stage batches them together)."""
+        return self.num_tokens, tuple(sorted(self.grids.items())), self.crop_layout, self.num_newlines
+
 
 @dataclasses.dataclass
 class ImageBatch:
-    """Visual tokens of the images of one call, in the order their placeholders appear (flattened batch).
+    """Visual tokens of ``I`` images that share one :class:`TokenLayout`, in placeholder order.
 
     features: ``[I, N, D]`` projected (LLM-space) tokens, exactly what the stock model would scatter.
-    vision_features: ``[I, N, Dv]`` the same tokens before the projector.
-    grid: ``(h, w)`` patch grid; ``prefix`` tokens (e.g. CLS under ``vision_feature_select_strategy="full"``)
-    precede the ``h·w`` grid tokens in raster order. ``tower_offset``: index in the tower's token sequence of
-    feature token 0 (1 when CLS is dropped), used to align attention columns with features.
+    vision_features: ``[I, N, Dv]`` the same tokens before the projector (zeros where there is none: newlines).
+    source: ``[I, N]`` index of each token in the tower's flattened output ``[tower_images · T]`` (CLS included),
+        so attention columns can be read for it; -1 for tokens the tower did not produce (newlines).
+    project: the projector, ``[..., Dv] → [..., D]``.
     """
 
     features: torch.Tensor
     vision_features: torch.Tensor
-    grid: tuple[int, int]
-    prefix: int
-    tower_offset: int
+    layout: TokenLayout
+    source: torch.Tensor
     project: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def num_images(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The base grid (LLaVA-1.5's grid, LLaVA-NeXT's thumbnail)."""
+        return self.layout.grids[0]
+
+    def rows(self, index: Sequence[int]) -> "ImageBatch":
+        index = list(index)
+        return dataclasses.replace(
+            self, features=self.features[index], vision_features=self.vision_features[index], source=self.source[index]
+        )
+
+    @staticmethod
+    def cat(batches: Sequence["ImageBatch"]) -> "ImageBatch":
+        """Stack batches that share a layout (equal :meth:`TokenLayout.key`)."""
+        first = batches[0]
+        return dataclasses.replace(
+            first,
+            features=torch.cat([b.features for b in batches]),
+            vision_features=torch.cat([b.vision_features for b in batches]),
+            source=torch.cat([b.source for b in batches]),
+        )
 
 
 class Adapter:
@@ -48,5 +133,6 @@ class Adapter:
         """The self-attention module of vision-tower layer ``layer`` (negative indices count from the end)."""
         raise NotImplementedError
 
-    def encode_images(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> ImageBatch:
+    def encode_images(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> list[ImageBatch]:
+        """The images of one call as batches of equal layout; images in placeholder order when concatenated."""
         raise NotImplementedError

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Adapter, ImageBatch
+from .base import Adapter, ImageBatch, TokenLayout
 
 
 class LlavaAdapter(Adapter):
@@ -35,31 +35,47 @@ class LlavaAdapter(Adapter):
     def num_vision_layers(self) -> int:
         return len(self._tower.encoder.layers)
 
-    def encode_images(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> ImageBatch:
+    def encode_images(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> list[ImageBatch]:
         """Run the stock ``get_image_features`` and keep the projector's input as the vision-space features."""
         base = self.model.model
-        captured: list[torch.Tensor] = []
-        handle = base.multi_modal_projector.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-        try:
+        with ProjectorInput(base.multi_modal_projector) as captured:
             out = base.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
-        finally:
-            handle.remove()
         feats = out.pooler_output
         features = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-        vision_features = captured[0].reshape(*features.shape[:2], -1)
+        vision_features = captured.value.reshape(*features.shape[:2], -1)
 
         strategy = image_kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
         patch = self.model.config.vision_config.patch_size
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-        tower_offset = 1 if strategy == "default" else 0
-        prefix = features.shape[1] - grid[0] * grid[1]
+        num_images, num_tokens = features.shape[:2]
+        tower_offset = 1 if strategy == "default" else 0  # the CLS column the features skip
+        prefix = num_tokens - grid[0] * grid[1]
         if prefix < 0:
-            raise ValueError(f"{features.shape[1]} visual tokens per image do not fill a {grid[0]}×{grid[1]} patch grid")
-        return ImageBatch(
+            raise ValueError(f"{num_tokens} visual tokens per image do not fill a {grid[0]}×{grid[1]} patch grid")
+        tower_length = num_tokens + tower_offset
+        source = torch.arange(num_images)[:, None] * tower_length + tower_offset + torch.arange(num_tokens)
+        return [ImageBatch(
             features=features,
             vision_features=vision_features,
-            grid=grid,
-            prefix=prefix,
-            tower_offset=tower_offset,
+            layout=TokenLayout.single_grid(grid, prefix),
+            source=source.to(features.device),
             project=base.multi_modal_projector,
-        )
+        )]
+
+
+class ProjectorInput:
+    """Context manager keeping the input of the projector's forward (the vision-space features)."""
+
+    def __init__(self, projector: nn.Module):
+        self.projector = projector
+        self.value: torch.Tensor | None = None
+
+    def __enter__(self) -> "ProjectorInput":
+        self._handle = self.projector.register_forward_pre_hook(self._store)
+        return self
+
+    def _store(self, module: nn.Module, args: tuple) -> None:
+        self.value = args[0]
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from ..adapters.base import ImageBatch
+from ..adapters.base import ImageBatch, TokenLayout
 from ..config import MethodConfig
 from ..ops import HeadReduce, ScoreKind, gather_tokens
 from ..scoring import AttentionCapture
@@ -19,7 +19,7 @@ from ..scoring import AttentionCapture
 
 @dataclasses.dataclass
 class EncoderContext:
-    """Inputs of one selection call over ``I`` images with ``N`` visual tokens each.
+    """Inputs of one selection call over ``I`` images that share a layout of ``N`` visual tokens.
 
     ``keep[i]`` is the number of tokens image ``i`` must come out with; ``image_index_in_prompt[i]`` its rank
     among the images of its own prompt (batch-invariant, unlike the flat index ``i``).
@@ -39,18 +39,26 @@ class EncoderContext:
     def num_tokens(self) -> int:
         return self.images.features.shape[1]
 
+    @property
+    def layout(self) -> TokenLayout:
+        return self.images.layout
+
     def cls_attention(self, layer: int, head_reduce: HeadReduce = "mean", kind: ScoreKind = "probs") -> torch.Tensor:
-        """CLS→token attention of vision ``layer`` aligned with the visual tokens: ``[I, N]`` float32."""
-        rows = self.capture.first_row_attention(layer, head_reduce, kind)
-        return rows[:, self.images.tower_offset : self.images.tower_offset + self.num_tokens]
+        """``[I, N]`` float32: each visual token's attention from the CLS of the tower image it came from (a crop's
+        own CLS under AnyRes) at vision ``layer``; ``-inf`` for tokens the tower did not produce (newlines), so
+        score-based methods drop them first."""
+        rows = self.capture.first_row_attention(layer, head_reduce, kind).flatten()
+        source = self.images.source
+        return rows[source.clamp_min(0)].masked_fill(source < 0, float("-inf"))
 
     def keys(self, layer: int) -> torch.Tensor:
-        """Head-mean keys of vision ``layer`` aligned with the visual tokens: ``[I, N, head_dim]``."""
-        keys = self.capture.head_mean_keys(layer)
-        return keys[:, self.images.tower_offset : self.images.tower_offset + self.num_tokens]
+        """``[I, N, head_dim]`` head-mean keys of vision ``layer`` per visual token (zeros for newlines)."""
+        keys = self.capture.head_mean_keys(layer).flatten(0, 1)
+        source = self.images.source
+        return keys[source.clamp_min(0)] * (source >= 0).unsqueeze(-1).to(keys.dtype)
 
     def uniform_keep(self) -> int:
-        """The common ``keep`` count; raises if images differ (LLaVA-1.5 images all have the same N)."""
+        """The common ``keep`` count (images of one call share a layout, hence a count)."""
         if len(set(self.keep)) != 1:
             raise ValueError(f"this pruner needs one token count for all images, got {sorted(set(self.keep))}")
         return self.keep[0]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..adapters.base import Adapter
+from ..adapters.base import Adapter, ImageBatch
 from ..budget import tokens_to_keep
 from ..pruners.base import EncoderContext, EncoderPruner, EncoderSelection
 from ..scoring import AttentionCapture
@@ -87,30 +87,24 @@ class EncoderStage:
 
         t0 = _now(device)
         with AttentionCapture(self._attention) as capture:
-            images = self.adapter.encode_images(pixel_values, **(image_kwargs or {}))
+            batches = self.adapter.encode_images(pixel_values, **(image_kwargs or {}))
         t1 = _now(device)
 
-        num_images, num_tokens = images.features.shape[:2]
+        counts = [b.layout.num_tokens for b in batches for _ in range(b.num_images)]
         placeholders = int(image_mask.sum())
-        if placeholders != num_images * num_tokens:
+        if placeholders != sum(counts):
             raise ValueError(
-                f"the prompt has {placeholders} image placeholder tokens but {num_images} image(s) give "
-                f"{num_images * num_tokens} visual tokens ({num_tokens} each); build inputs with the model's "
-                f"processor, which expands each image token to {num_tokens} placeholders"
+                f"the prompt has {placeholders} image placeholder tokens but {len(counts)} image(s) give "
+                f"{sum(counts)} visual tokens ({', '.join(map(str, counts))}); build inputs with the model's "
+                f"processor, which expands each image token to its number of visual tokens"
             )
         width = input_ids.shape[1]
-        flat_positions = image_mask.flatten().nonzero().squeeze(1).view(num_images, num_tokens)
-        sample_of_image = (flat_positions[:, 0] // width).tolist()
+        flat_positions = image_mask.flatten().nonzero().squeeze(1).split(counts)
+        sample_of_image = [int(p[0]) // width for p in flat_positions]
         rank_in_prompt = [sample_of_image[:i].count(s) for i, s in enumerate(sample_of_image)]
 
-        budget = self.pruner.budget
-        keep = [self.pruner.output_count(tokens_to_keep(budget, num_tokens), images)] * num_images
-        ctx = EncoderContext(images=images, keep=keep, image_index_in_prompt=rank_in_prompt, capture=capture)
-        selection = self.pruner.select(ctx)
+        selection, keep = self._select(batches, rank_in_prompt, capture)
         t2 = _now(device)
-        for i, (feats, k) in enumerate(zip(selection.features, keep)):
-            if feats.shape[0] != k:
-                raise RuntimeError(f"{self.pruner.name} returned {feats.shape[0]} tokens for image {i}, expected {k}")
 
         keep_flat = ~image_mask.flatten()
         for positions, k in zip(flat_positions, keep):
@@ -126,7 +120,8 @@ class EncoderStage:
         if position_ids is not None:
             new_positions = (new_mask.cumsum(dim=1) - 1).masked_fill(new_mask == 0, 0)
 
-        stats = self._stats(valid, survive, keep, num_tokens, images.features.dtype, t1 - t0, t2 - t1)
+        newlines = self._newlines(batches, selection)
+        stats = self._stats(valid, survive, keep, counts, newlines, batches[0].features.dtype, t1 - t0, t2 - t1)
         return RewrittenInputs(
             input_ids=new_ids,
             attention_mask=new_mask.to(attention_mask.dtype),
@@ -138,12 +133,50 @@ class EncoderStage:
             stats=stats,
         )
 
+    def _select(
+        self, batches: list[ImageBatch], rank_in_prompt: list[int], capture: AttentionCapture
+    ) -> tuple[EncoderSelection, list[int]]:
+        """Run the pruner once per group of images with equal layouts; results in placeholder order."""
+        members: dict[Any, list[tuple[int, ImageBatch, int]]] = {}
+        image = 0
+        for batch in batches:
+            for row in range(batch.num_images):
+                members.setdefault(batch.layout.key(), []).append((image, batch, row))
+                image += 1
+        features: list[Any] = [None] * image
+        kept_index: list[Any] = [None] * image
+        merged_into: list[Any] = [None] * image
+        keep = [0] * image
+        for group in members.values():
+            images = ImageBatch.cat([batch.rows([row]) for _, batch, row in group])
+            count = self.pruner.output_count(tokens_to_keep(self.pruner.budget, images.layout.num_tokens), images)
+            ctx = EncoderContext(images=images, keep=[count] * len(group),
+                                 image_index_in_prompt=[rank_in_prompt[i] for i, _, _ in group], capture=capture)
+            chosen = self.pruner.select(ctx)
+            for j, (i, _, _) in enumerate(group):
+                if chosen.features[j].shape[0] != count:
+                    raise RuntimeError(f"{self.pruner.name} returned {chosen.features[j].shape[0]} tokens for image "
+                                       f"{i}, expected {count}")
+                features[i], kept_index[i], keep[i] = chosen.features[j], chosen.kept_index[j], count
+                merged_into[i] = chosen.merged_into[j] if chosen.merged_into is not None else None
+        merged = merged_into if all(m is not None for m in merged_into) else None
+        return EncoderSelection(features=features, kept_index=kept_index, merged_into=merged), keep
+
+    @staticmethod
+    def _newlines(batches: list[ImageBatch], selection: EncoderSelection) -> tuple[int, int]:
+        """(newline tokens in, newline tokens that reach the LLM as themselves)."""
+        layouts = [b.layout for b in batches for _ in range(b.num_images)]
+        total = sum(layout.num_newlines for layout in layouts)
+        kept = sum(int(layout.newline[idx.cpu()].sum()) for layout, idx in zip(layouts, selection.kept_index))
+        return total, kept
+
     def _stats(
         self,
         valid: torch.Tensor,
         survive: torch.Tensor,
         keep: list[int],
-        num_tokens: int,
+        counts: list[int],
+        newlines: tuple[int, int],
         dtype: torch.dtype,
         encode_s: float,
         select_s: float,
@@ -157,7 +190,7 @@ class EncoderStage:
         kept = sum(keep)
         return CompressionStats(
             images=len(keep),
-            visual_tokens_in=num_tokens * len(keep),
+            visual_tokens_in=sum(counts),
             visual_tokens_kept=kept,
             layer_avg_visual_tokens=kept / len(keep),
             prompt_tokens_in=sum(full_lengths),
@@ -169,4 +202,6 @@ class EncoderStage:
             encode_ms=encode_s * 1e3,
             select_ms=select_s * 1e3,
             kept_per_image=list(keep),
+            newlines_in=newlines[0],
+            newlines_kept=newlines[1],
         )
