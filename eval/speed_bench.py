@@ -2,8 +2,11 @@
 
     python eval/speed_bench.py                                   # CPU, scaled LLaVA-1.5 proportions (BENCH_DIMS)
     python eval/speed_bench.py --dims llava-1.5-7b --device cuda --dtype bfloat16
+    python eval/speed_bench.py --dims cpu-scaled-next --repeats 3     # AnyRes: 672×672 → thumbnail + 2×2 crops
+    python eval/speed_bench.py --dims llava-next-7b --device cuda --dtype bfloat16
 
-Random weights (speed does not depend on them). Batch of one 336×336 image and a short question. Reports the
+Random weights (speed does not depend on them). Batch of one image (336×336; 672×672 for the LLaVA-NeXT
+dims, i.e. 5 tower crops and 2928 visual tokens with newlines) and a short question. Reports the
 speed-up, its ratio to the FLOPs-ideal speed-up (vision tower + LLM FLOPs, :mod:`vlm_compress.stats`), the
 selection overhead, and the peak memory added by the call (CUDA: allocator peak; CPU: the process's resident
 high-water mark, reset through /proc/self/clear_refs before each measurement).
@@ -23,9 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm_compress import compress, list_methods, restore  # noqa: E402
 from vlm_compress.bench.timing import PeakMemory, decode_ms_per_token, machine_description, timed  # noqa: E402
 from vlm_compress.stats import prefill_flops, vision_flops  # noqa: E402
-from vlm_compress.testing import BENCH_DIMS, LLAVA_7B_DIMS, build_llava, build_processor, build_tokenizer, random_images  # noqa: E402
+from vlm_compress.testing import (  # noqa: E402
+    BENCH_DIMS, LLAVA_7B_DIMS, build_llava, build_llava_next, build_next_processor, build_processor, build_tokenizer,
+    random_images,
+)
 
-DIMS = {"cpu-scaled": BENCH_DIMS, "llava-1.5-7b": LLAVA_7B_DIMS}
+# name → (dims, AnyRes). LLaVA-NeXT-7B (llava-v1.6-vicuna-7b) is LLaVA-1.5-7B's tower and LLM with AnyRes.
+DIMS = {"cpu-scaled": (BENCH_DIMS, False), "llava-1.5-7b": (LLAVA_7B_DIMS, False),
+        "cpu-scaled-next": (BENCH_DIMS, True), "llava-next-7b": (LLAVA_7B_DIMS, True)}
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 image_grid_pinpoints
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -44,15 +53,25 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    dims = DIMS[args.dims]
+    dims, anyres = DIMS[args.dims]
     tokenizer = build_tokenizer()
-    model = build_llava(tokenizer, dims, dtype=dtype).to(device)
-    processor = build_processor(tokenizer, dims)
-    inputs = processor(images=random_images(1, (336, 336)), text="USER: <image>\nwhat color is the square at the top left ? ASSISTANT:", return_tensors="pt").to(device)
+    if anyres:
+        model = build_llava_next(tokenizer, dims, dtype=dtype, pinpoints=NEXT_PINPOINTS).to(device)
+        processor = build_next_processor(tokenizer, dims, NEXT_PINPOINTS)
+        side = 2 * dims.image_size
+    else:
+        model = build_llava(tokenizer, dims, dtype=dtype).to(device)
+        processor = build_processor(tokenizer, dims)
+        side = dims.image_size
+    question = "USER: <image>\nwhat color is the square at the top left ? ASSISTANT:"
+    inputs = processor(images=random_images(1, (side, side)), text=question, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    image_kwargs = {"image_sizes": inputs["image_sizes"]} if anyres else {}
     n = args.new_tokens
     cfg = model.config
-    grid_tokens = (dims.image_size // dims.patch_size) ** 2
+    grid_tokens = int((inputs["input_ids"] == cfg.image_token_id).sum())  # visual tokens (newlines included)
+    tower_images = inputs["pixel_values"].shape[1] if anyres else 1
+    tower_tokens = (dims.image_size // dims.patch_size) ** 2 + 1
 
     def prefill():
         with torch.no_grad():
@@ -63,7 +82,7 @@ def main() -> None:
 
     def encode():
         with torch.no_grad():
-            model.model.get_image_features(pixel_values=inputs["pixel_values"])
+            model.model.get_image_features(pixel_values=inputs["pixel_values"], **image_kwargs)
 
     prompt_len = int(inputs["attention_mask"].sum())
     configs = [("none", 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
@@ -127,7 +146,7 @@ def main() -> None:
                 prefill_ms=med(entry["prefill"]), decode_ms_per_token=med(entry["decode"]),
                 vision_ms=med(entry["vision"]) if entry["vision"] else vision_ms,
                 select_ms=med(entry["select"]) if entry["select"] else 0.0,
-                flops_vision=vision_flops(cfg.vision_config, grid_tokens + 1),
+                flops_vision=tower_images * vision_flops(cfg.vision_config, tower_tokens),
                 flops_llm=prefill_flops([[llm_tokens] * cfg.text_config.num_hidden_layers], cfg.text_config),
                 peak_mem_mb=meta["peak"] / 2**20, reference_ms=vision_ms + med(ref_samples[llm_tokens]),
             )
@@ -143,7 +162,7 @@ def main() -> None:
         r["vs_reference"] = r["prefill_ms"] / r["reference_ms"]
 
     machine = machine_description(device)
-    machine.update(dtype=args.dtype, dims=args.dims, dims_values=vars(dims))
+    machine.update(dtype=args.dtype, dims=args.dims, dims_values=vars(dims), anyres=anyres)
     stem = args.out or f"speed_{args.dims}_{device.type}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python eval/speed_bench.py " + " ".join(sys.argv[1:])
@@ -159,7 +178,8 @@ def to_markdown(rows, machine, command) -> str:
         f"Command: `{command}`  \nMachine: {machine['cpu']} ({machine['device']}), {machine['threads']} threads, "
         f"torch {machine['torch']}, {machine['dtype']}, batch 1.  \n"
         f"Model (random weights): CLIP ViT {d['vision_layers']}×{d['vision_hidden']} at {d['image_size']}/{d['patch_size']} "
-        f"+ Llama {d['text_layers']}×{d['text_hidden']} (MLP {d['text_intermediate']}).\n\n"
+        f"+ Llama {d['text_layers']}×{d['text_hidden']} (MLP {d['text_intermediate']})"
+        f"{'; LLaVA-NeXT AnyRes, 672×672 image → thumbnail + 2×2 crops' if machine.get('anyres') else ''}.\n\n"
         "`ratio` = measured prefill speed-up / FLOPs-ideal speed-up. `vs ref` = our prefill / (stock vision tower + "
         "stock LLM on a text-only prompt of the same length): the cost of our machinery (1.00 = none).\n\n"
         "| method | budget | visual tok | LLM tok | prefill ms | speed-up | FLOPs-ideal | ratio | vs ref | "

@@ -53,7 +53,7 @@ def test_compress_works_on_the_shipped_model(shipped):
 
 def test_quick_bench_run(tmp_path):
     stem = tmp_path / "quick"
-    main(["--quick", "--out", str(stem), "--samples", "24", "--batch-size", "12"])
+    main(["--quick", "--model", str(TINY), "--out", str(stem), "--samples", "24", "--batch-size", "12"])
     result = json.loads(stem.with_suffix(".json").read_text())
     rows = result["rows"]
     assert {r["method"] for r in rows} == {"none", "random", "pool"}

@@ -1,6 +1,7 @@
 """ShapesVQA: determinism, disjoint splits, balanced answers, and answers that follow from the scene."""
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -94,3 +95,25 @@ def test_other_canvas_sizes():
     task = ShapesTask(canvas=(96, 192), cell=8)
     s = task.sample_at("test", 3)
     assert s.image.shape == (96, 192, 3) and max(o.col for o in s.objects) < 24
+
+
+def test_further_questions_about_a_scene_are_answered_by_it(samples):
+    rng = np.random.default_rng(0)
+    seen = collections.Counter()
+    for s in samples[:200]:
+        for question, answer, qtype in TASK.questions_about(s.objects, rng, 4):
+            extra = dataclasses.replace(s, question=question, answer=answer, qtype=qtype)
+            assert answer == _expected_answer(extra, TASK), (question, s.objects)
+            seen[qtype] += 1
+    assert set(seen) == set(QUESTION_TYPES)
+
+
+def test_question_type_subset_and_description_round_trip():
+    task = ShapesTask(canvas=192, cell=8, objects=(4, 10), question_types=("count", "presence"))
+    assert {task.sample_at("train", i).qtype for i in range(40)} == {"count", "presence"}
+    s = task.sample_at("train", 0)
+    assert {t for *_, t in task.questions_about(s.objects, np.random.default_rng(0), 20)} <= {"count", "presence"}
+    again = ShapesTask.from_description(task.describe())
+    assert np.array_equal(again.sample_at("test", 5).image, task.sample_at("test", 5).image)
+    with pytest.raises(ValueError, match="question_types"):
+        ShapesTask(question_types=("colour",))

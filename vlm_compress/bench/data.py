@@ -22,9 +22,20 @@ class Item:
     qtype: str = "all"
 
 
-def shapes_items(count: int, split: str = "test", canvas: int = 96, cell: int = 8) -> list[Item]:
-    task = ShapesTask(canvas=canvas, cell=cell)
+EMBEDDED_MODELS = ("tiny-llava", "tiny-llava-next")
+
+
+def shapes_items(count: int, split: str = "test", task: ShapesTask | None = None) -> list[Item]:
+    task = task or ShapesTask()
     return [Item(Image.fromarray(s.image), s.question, s.answer, s.qtype) for s in task.iterate(split, count)]
+
+
+def task_for(model_path: str | Path, config) -> ShapesTask:
+    """The ShapesVQA variant a model was trained on: its ``task.json`` if present, else one grid cell per patch."""
+    spec = Path(model_path) / "task.json"
+    if spec.exists():
+        return ShapesTask.from_description(json.loads(spec.read_text()))
+    return ShapesTask(canvas=config.vision_config.image_size, cell=config.vision_config.patch_size)
 
 
 def jsonl_items(path: str | Path, count: int | None = None) -> list[Item]:

@@ -23,7 +23,7 @@ import torch
 
 from .. import compress, list_methods, restore
 from ..stats import prompt_costs
-from .data import ASSETS, Item, answer_prior, jsonl_items, shapes_items
+from .data import ASSETS, EMBEDDED_MODELS, Item, answer_prior, jsonl_items, shapes_items, task_for
 from .timing import PeakMemory, decode_ms_per_token, machine_description, timed
 
 BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
@@ -49,9 +49,10 @@ class Row:
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """A local image-text-to-text checkpoint (LLaVA, LLaVA-NeXT, …) and its processor, padding on the left."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return model, processor
@@ -139,22 +140,18 @@ class Runner:
         return t_prefill * 1e3, decode_ms_per_token(gen, self.device, new_tokens, repeats), mem.peak / 2**20
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    model_path = args.model or ASSETS / "tiny-llava"
-    if not Path(model_path, "config.json").exists():
-        raise SystemExit(f"no model at {model_path}: pass --model PATH (a local LLaVA checkpoint directory)")
     model, processor = load_model(model_path, device, dtype)
     if args.dataset:
         items = jsonl_items(args.dataset, args.samples)
         prior = answer_prior(items, items)
         prior_note = "most frequent answer per type in the dataset itself"
     else:
-        image_size = model.config.vision_config.image_size
-        cell = model.config.vision_config.patch_size
-        items = shapes_items(args.samples, "test", canvas=image_size, cell=cell)
-        prior = answer_prior(shapes_items(2000, "train", canvas=image_size, cell=cell), items)
+        task = task_for(model_path, model.config)
+        items = shapes_items(args.samples, "test", task)
+        prior = answer_prior(shapes_items(2000, "train", task), items)
         prior_note = "most frequent training answer per question type"
     runner = Runner(model, processor, items, args.prompt, args.batch_size, args.max_new_tokens)
 
@@ -294,7 +291,8 @@ def plot(result: dict[str, Any], stem: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vlm_compress.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="local LLaVA checkpoint (default: the embedded tiny-llava)")
+    parser.add_argument("--model", nargs="+",
+                        help="local LLaVA / LLaVA-NeXT checkpoint directories (default: the embedded models)")
     parser.add_argument("--dataset", help="local JSONL of image, question, answer (default: ShapesVQA held-out split)")
     parser.add_argument("--prompt", default="USER: <image>\n{question} ASSISTANT:")
     parser.add_argument("--methods", nargs="+", default=list_methods("encoder"),
@@ -316,17 +314,23 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted({parse_method(m)[0] for m in args.methods} - set(list_methods()))
     if unknown:
         parser.error(f"unknown methods {unknown}; available: {list_methods()}")
-    start = time.time()
-    result = run(args)
-    result["seconds"] = round(time.time() - start, 1)
-    name = Path(args.model).name if args.model else "tiny-llava"
-    stem = Path(args.out) if args.out else RESULTS / f"bench_{name}{'_quick' if args.quick else ''}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(to_markdown(result))
-    plots = plot(result, stem)
-    print(to_markdown(result))
-    print(f"wrote {stem}.json, {stem}.md" + "".join(f", {p}" for p in plots) + f" in {result['seconds']} s")
+    paths = [Path(p) for p in args.model] if args.model else [ASSETS / m for m in EMBEDDED_MODELS if (ASSETS / m).exists()]
+    for path in paths:
+        if not (path / "config.json").exists():
+            parser.error(f"no model at {path}: pass --model PATH (a local LLaVA checkpoint directory)")
+    if args.out and len(paths) > 1:
+        parser.error("--out names one output stem; pass one --model with it")
+    for path in paths:
+        start = time.time()
+        result = run(args, path)
+        result["seconds"] = round(time.time() - start, 1)
+        stem = Path(args.out) if args.out else RESULTS / f"bench_{path.name}{'_quick' if args.quick else ''}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        stem.with_suffix(".md").write_text(to_markdown(result))
+        plots = plot(result, stem)
+        print(to_markdown(result))
+        print(f"wrote {stem}.json, {stem}.md" + "".join(f", {p}" for p in plots) + f" in {result['seconds']} s")
 
 
 if __name__ == "__main__":

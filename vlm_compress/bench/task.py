@@ -73,14 +73,30 @@ _STAMPS = {(s, z): _stamp(s, z) for s in SHAPES for z in SIZES}
 class ShapesTask:
     """Generator of :class:`Sample` for a canvas of ``canvas`` pixels and ``cell``-pixel grid cells.
 
-    ``canvas`` may be ``(height, width)``; objects never share or touch (8-neighbour) cells.
+    ``canvas`` may be ``(height, width)``; objects never share or touch (8-neighbour) cells. ``question_types``
+    restricts the questions asked (default: all six).
     """
 
-    def __init__(self, canvas: int | tuple[int, int] = 96, cell: int = 8, objects: tuple[int, int] = (3, 6)):
+    def __init__(self, canvas: int | tuple[int, int] = 96, cell: int = 8, objects: tuple[int, int] = (3, 6),
+                 question_types: tuple[str, ...] = QUESTION_TYPES):
         self.height, self.width = (canvas, canvas) if isinstance(canvas, int) else canvas
         self.cell = cell
         self.rows, self.cols = self.height // cell, self.width // cell
         self.min_objects, self.max_objects = objects
+        unknown = sorted(set(question_types) - set(QUESTION_TYPES))
+        if unknown or not question_types:
+            raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {question_types}")
+        self.question_types = tuple(question_types)
+
+    def describe(self) -> dict:
+        """The constructor arguments as JSON-able values (saved beside a model trained on this task)."""
+        return dict(canvas=[self.height, self.width], cell=self.cell, objects=[self.min_objects, self.max_objects],
+                    question_types=list(self.question_types))
+
+    @classmethod
+    def from_description(cls, spec: dict) -> "ShapesTask":
+        return cls(canvas=tuple(spec["canvas"]), cell=spec["cell"], objects=tuple(spec["objects"]),
+                   question_types=tuple(spec["question_types"]))
 
     # ---- splits ---------------------------------------------------------------------------------------
     def sample_at(self, split: str, index: int) -> Sample:
@@ -95,7 +111,7 @@ class ShapesTask:
 
     # ---- one sample -----------------------------------------------------------------------------------
     def sample(self, rng: np.random.Generator) -> Sample:
-        qtype = QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))]
+        qtype = self.question_types[rng.integers(len(self.question_types))]
         for _ in range(100):
             made = getattr(self, f"_q_{qtype}")(rng)
             if made is not None:
@@ -217,7 +233,7 @@ class ShapesTask:
             "relative": pairs and (lambda: (lambda a, b: (f"is the {a.shape} left of the {b.shape} ?", "yes" if a.col < b.col else "no"))(
                 *pairs[rng.integers(len(pairs))])),
         }
-        valid = [t for t, make in makers.items() if make]
+        valid = [t for t, make in makers.items() if make and t in self.question_types]
         out = []
         for _ in range(count):
             qtype = valid[rng.integers(len(valid))]

@@ -87,9 +87,59 @@ def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int, turn
             scene_labels[b, pair] = 1.0
     targets = torch.stack([torch.stack([target_mask(q, t, s.objects, grid) for q, _, t in conv])
                            for s, conv in zip(samples, conversations)])  # [B, T, N]
+    word_positions, word_targets = word_grounding(ids, answer_positions, conversations, samples, tokenizer, grid)
     return dict(pixel_values=pixels, input_ids=ids, attention_mask=enc.attention_mask, labels=labels,
                 patch_labels=patch_labels, scene_labels=scene_labels, targets=targets,
-                answer_positions=answer_positions, samples=samples)
+                answer_positions=answer_positions, word_positions=word_positions, word_targets=word_targets,
+                samples=samples)
+
+
+def _matches(word: str, o, grid: int) -> bool:
+    if word in COLORS:
+        return o.color == word
+    if word in SHAPES:
+        return o.shape == word
+    if word in ("top", "bottom"):
+        return (o.row < grid / 2) == (word == "top")
+    return (o.col < grid / 2) == (word == "left")
+
+
+def word_grounding(ids, answer_positions, conversations, samples, tokenizer, grid: int):
+    """Where each content word of each question should look: ``(positions [B, W], targets [B, W, N])``.
+
+    A content word (colour, shape, quadrant word) targets the objects it describes; the last one of a question
+    targets the objects matching all of them (the red circle of "is there a red circle"). Relative questions
+    ground only their two shapes. Rows are padded with position 0 and no targets (ignored by the loss).
+    """
+    content = set(tokenizer.convert_tokens_to_ids(sorted(CONTENT_WORDS)))
+    rows_pos, rows_tgt = [], []
+    for b, (s, conv) in enumerate(zip(samples, conversations)):
+        positions, targets, start = [], [], 0
+        for t, (_, _, qtype) in enumerate(conv):
+            end = int(answer_positions[b, t])
+            where = [p for p in range(start, end) if int(ids[b, p]) in content]
+            words = tokenizer.convert_ids_to_tokens([int(ids[b, p]) for p in where])
+            if qtype == "relative":
+                where, words = [p for p, w in zip(where, words) if w in SHAPES], [w for w in words if w in SHAPES]
+            for j, (p, w) in enumerate(zip(where, words)):
+                last = j == len(words) - 1 and qtype != "relative"
+                mask = torch.zeros(grid * grid)
+                for o in s.objects:
+                    if all(_matches(x, o, grid) for x in (words if last else [w])):
+                        mask[o.row * grid + o.col] = 1.0
+                positions.append(p)
+                targets.append(mask)
+            start = end + 2
+        rows_pos.append(positions)
+        rows_tgt.append(targets)
+    width = max(len(p) for p in rows_pos)
+    positions = torch.zeros(len(samples), width, dtype=torch.long)
+    targets = torch.zeros(len(samples), width, grid * grid)
+    for b, (p, t) in enumerate(zip(rows_pos, rows_tgt)):
+        if p:
+            positions[b, : len(p)] = torch.tensor(p)
+            targets[b, : len(t)] = torch.stack(t)
+    return positions, targets
 
 
 def target_mask(question: str, qtype: str, objects, grid: int) -> torch.Tensor:
@@ -158,7 +208,7 @@ def attention_mass_loss(row: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vision: bool = False,
-           question_probe: "GroundingProbe | None" = None):
+           question_probe: "GroundingProbe | None" = None, word_probe: "GroundingProbe | None" = None):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     tower = model.model.vision_tower
@@ -194,6 +244,12 @@ def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vi
     if question_probe is not None:  # the answer position gathers the question's content words first
         ground_loss = ground_loss + attention_mass_loss(question_probe.rows(batch["answer_positions"]),
                                                         batch["question_targets"])
+    if word_probe is not None:  # each content word looks up the objects it describes
+        rows = word_probe.rows(batch["word_positions"])  # [B, W, L]
+        image = (batch["input_ids"] == model.config.image_token_id)[:, None].expand_as(rows)
+        target_cols = torch.zeros_like(rows)
+        target_cols[image] = batch["word_targets"].flatten()
+        ground_loss = ground_loss + attention_mass_loss(rows, target_cols)
     return vqa.loss, patch_loss, scene_loss + position_loss + ground_loss, patch_acc
 
 
@@ -245,6 +301,9 @@ def main() -> None:
     parser.add_argument("--ground-layer", type=int, default=2,
                         help="LLM layer whose answer-position attention is supervised towards the asked-about objects "
                              "(-1: off)")
+    parser.add_argument("--word-layer", type=int, default=0,
+                        help="LLM layer whose attention from each question content word is supervised towards the "
+                             "objects that word describes (-1: off)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -290,6 +349,7 @@ def main() -> None:
 
     probe = GroundingProbe(model, args.ground_layer) if args.ground_layer >= 0 else None
     question_probe = GroundingProbe(model, args.question_layer) if args.question_layer >= 0 else None
+    word_probe = GroundingProbe(model, args.word_layer) if args.word_layer >= 0 else None
     model.train()
     start, step = time.time(), step0
     rng = np.random.default_rng(args.seed + step0)
@@ -299,7 +359,8 @@ def main() -> None:
         batch = make_batch(task, tokenizer, "train", rng.integers(0, 10**9, args.batch_size), grid, args.turns, rng)
         batch["question_targets"] = question_targets(batch["input_ids"], batch["answer_positions"], tokenizer)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            vqa, patch, scene, patch_acc = losses(model, heads, batch, probe, args.freeze_vision, question_probe)
+            vqa, patch, scene, patch_acc = losses(model, heads, batch, probe, args.freeze_vision, question_probe,
+                                                  word_probe)
         loss = vqa + scene if args.freeze_vision else vqa + patch + scene
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -316,7 +377,7 @@ def main() -> None:
         if step % args.save_every == 0:
             save(step, seconds0 + time.time() - start)
     save(step, seconds0 + time.time() - start)
-    for p in (probe, question_probe):
+    for p in (probe, question_probe, word_probe):
         if p is not None:
             p.handle.remove()
 
