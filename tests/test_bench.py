@@ -1,4 +1,4 @@
-"""The shipped tiny-llava loads offline with stock classes, and the benchmark's --quick run works end to end."""
+"""The shipped models load offline with stock classes, and the benchmark's --quick run works end to end."""
 
 import json
 
@@ -6,35 +6,55 @@ import pytest
 import torch
 
 from vlm_compress import compress
-from vlm_compress.bench.data import ASSETS, answer_prior, jsonl_items, shapes_items
+from vlm_compress.bench.data import ASSETS, EMBEDDED_MODELS, answer_prior, jsonl_items, shapes_items, task_for
 from vlm_compress.bench.run import main
 from vlm_compress.bench.task import ANSWERS
 
 TINY = ASSETS / "tiny-llava"
+NEXT = ASSETS / "tiny-llava-next"
+CLASSES = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-llava-next": "LlavaNextForConditionalGeneration"}
+# visual tokens per image: a 12×12 grid; a 12×12 thumbnail + 24×24 from 2×2 crops + 24 newlines
+VISUAL_TOKENS = {"tiny-llava": 144, "tiny-llava-next": 144 + 576 + 24}
+
+
+def load(name):
+    import transformers
+    from transformers import AutoProcessor
+
+    cls = getattr(transformers, CLASSES[name])
+    return cls.from_pretrained(ASSETS / name, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(ASSETS / name)
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(TINY, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(TINY)
+    return load("tiny-llava")
 
 
-def test_shipped_model_loads_offline_and_answers(shipped):
-    model, processor = shipped
-    items = shapes_items(8)
+@pytest.mark.parametrize("name", EMBEDDED_MODELS)
+def test_shipped_models_load_offline_and_answer(name):
+    model, processor = load(name)
+    items = shapes_items(6, task=task_for(ASSETS / name, model.config))
     inputs = processor(images=[i.image for i in items], text=[f"USER: <image>\n{i.question} ASSISTANT:" for i in items],
                        return_tensors="pt", padding=True)
-    assert (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist() == [144] * 8
+    assert (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist() == [VISUAL_TOKENS[name]] * 6
     out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert all(a.strip() in ANSWERS for a in answers), answers
 
 
 def test_shipped_weights_are_small():
-    size = sum(f.stat().st_size for f in TINY.glob("*.safetensors"))
-    assert 0 < size < 12 * 2**20
+    sizes = [sum(f.stat().st_size for f in (ASSETS / name).glob("*.safetensors")) for name in EMBEDDED_MODELS]
+    assert all(s > 0 for s in sizes) and sum(sizes) <= 25 * 2**20  # the issue's limit for both models together
+
+
+def test_quick_bench_run_on_anyres_model(tmp_path):
+    stem = tmp_path / "quick_next"
+    main(["--quick", "--model", str(NEXT), "--out", str(stem), "--samples", "6", "--batch-size", "6",
+          "--methods", "cls_attn"])
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert rows[0]["llm_visual_tokens"] == VISUAL_TOKENS["tiny-llava-next"]
+    assert rows[1]["agreement"] == 1.0  # budget 1.0
+    assert rows[2]["llm_visual_tokens"] == round(0.22 * VISUAL_TOKENS["tiny-llava-next"])
 
 
 def test_compress_works_on_the_shipped_model(shipped):

@@ -27,6 +27,7 @@ import torch
 
 from ..testing import TINY_LLAVA_DIMS, build_llava_next, build_next_processor
 from .task import ShapesTask
+from .train import GroundingProbe, attention_mass_loss, question_targets, target_mask, word_grounding
 
 NEXT_TASK = ShapesTask(canvas=192, cell=8, objects=(4, 10),
                        question_types=("color_of_shape", "shape_of_color", "presence", "count"))
@@ -47,22 +48,66 @@ def initial_model(base: Path):
 
 
 def make_batch(processor, task: ShapesTask, split: str, indices, turns: int, rng):
-    """Processor inputs for multi-turn conversations about each image, with labels on every answer and EOS."""
+    """Processor inputs for multi-turn conversations about each image, with labels on every answer and EOS, and
+    the grounding targets of :mod:`.train` mapped onto the packed visual tokens (the high-resolution cell of each
+    object: ``thumbnail + row · (cols + 1) + col``, the +1 being the row's newline)."""
     from PIL import Image
 
     samples = [task.sample_at(split, int(i)) for i in indices]
-    texts = []
+    texts, conversations = [], []
     for s in samples:
         extra = task.questions_about(s.objects, rng, turns - 1) if turns > 1 else []
+        conversations.append([(s.question, s.answer, s.qtype)] + extra)
         texts.append(s.prompt + f" {s.answer} </s>" + "".join(f" USER: {q} ASSISTANT: {a} </s>" for q, a, _ in extra))
     inputs = processor(images=[Image.fromarray(s.image) for s in samples], text=texts, return_tensors="pt", padding=True)
     ids = inputs["input_ids"]
-    after_assistant = torch.zeros_like(ids, dtype=torch.bool)
     assistant = ids == processor.tokenizer.convert_tokens_to_ids("ASSISTANT:")
+    answer_positions = assistant.nonzero()[:, 1].view(len(samples), turns)
+    after_assistant = torch.zeros_like(ids, dtype=torch.bool)
     after_assistant[:, 1:] |= assistant[:, :-1]  # the answer
     after_assistant[:, 2:] |= assistant[:, :-2]  # its EOS
     inputs["labels"] = ids.masked_fill(~after_assistant, -100)
-    return inputs, samples
+
+    rows, cols = task.rows, task.cols
+    thumbnail = TINY_LLAVA_DIMS.image_size // TINY_LLAVA_DIMS.patch_size
+    packed = thumbnail**2 + (torch.arange(rows)[:, None] * (cols + 1) + torch.arange(cols)[None]).flatten()
+    width = thumbnail**2 + rows * (cols + 1)
+
+    def to_packed(cell_targets):  # [..., rows·cols] → [..., visual tokens]
+        out = cell_targets.new_zeros(*cell_targets.shape[:-1], width)
+        out[..., packed] = cell_targets
+        return out
+
+    grid_targets = torch.stack([torch.stack([target_mask(q, t, s.objects, cols) for q, _, t in conv])
+                                for s, conv in zip(samples, conversations)])
+    word_positions, word_targets = word_grounding(ids, answer_positions, conversations, samples, processor.tokenizer, cols)
+    probes = dict(answer_positions=answer_positions, targets=to_packed(grid_targets), word_positions=word_positions,
+                  word_targets=to_packed(word_targets),
+                  question_targets=question_targets(ids, answer_positions, processor.tokenizer))
+    return inputs, probes
+
+
+def grounding_loss(probes: dict, input_ids, image_token_id: int, targets: dict) -> torch.Tensor:
+    """The attention-mass losses of :mod:`.train` (content words → their objects, answer → question words,
+    answer → asked-about objects) on the probes present."""
+    image = input_ids == image_token_id
+    loss = torch.zeros(())
+
+    def on_image(rows, image_targets):
+        cols = torch.zeros_like(rows)
+        cols[image[:, None].expand_as(rows)] = image_targets.flatten()
+        return cols
+
+    if "word" in probes:
+        rows = probes["word"].rows(targets["word_positions"])
+        loss = loss + attention_mass_loss(rows, on_image(rows, targets["word_targets"]))
+    if "question" in probes:
+        loss = loss + attention_mass_loss(probes["question"].rows(targets["answer_positions"]),
+                                          targets["question_targets"])
+    if "ground" in probes:
+        rows = probes["ground"].rows(targets["answer_positions"])
+        loss = loss + attention_mass_loss(rows, on_image(rows, targets["targets"]))
+    return loss
 
 
 @torch.no_grad()
@@ -100,6 +145,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--word-layer", type=int, default=0, help="as in vlm_compress.bench.train (-1: off)")
+    parser.add_argument("--question-layer", type=int, default=1, help="as in vlm_compress.bench.train (-1: off)")
+    parser.add_argument("--ground-layer", type=int, default=2, help="as in vlm_compress.bench.train (-1: off)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -137,20 +185,26 @@ def main() -> None:
         log.update(steps=step, seconds=seconds0 + time.time() - start)
         (out / "train_log.json").write_text(json.dumps(log, indent=1))
 
+    probes = {name: GroundingProbe(model, layer) for name, layer in
+              (("word", args.word_layer), ("question", args.question_layer), ("ground", args.ground_layer)) if layer >= 0}
     rng = np.random.default_rng(args.seed + step0)
     while time.time() - start < args.minutes * 60:
         for group in optimizer.param_groups:
             group["lr"] = lr_now()
-        inputs, _ = make_batch(processor, NEXT_TASK, "train", rng.integers(0, 10**9, args.batch_size), args.turns, rng)
+        inputs, targets = make_batch(processor, NEXT_TASK, "train", rng.integers(0, 10**9, args.batch_size),
+                                     args.turns, rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model(**inputs).loss
+            vqa = model(**inputs).loss
+            ground = grounding_loss(probes, inputs["input_ids"], model.config.image_token_id, targets)
+        loss = vqa + ground
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
         if step % 10 == 0:
-            print(f"step {step} loss {loss.item():.3f} lr {lr_now():.1e} {time.time() - start:.0f}s", flush=True)
+            print(f"step {step} vqa {vqa.item():.3f} ground {ground.item():.3f} lr {lr_now():.1e} "
+                  f"{time.time() - start:.0f}s", flush=True)
         if step % args.eval_every == 0:
             acc, per_type = evaluate(model, processor, NEXT_TASK)
             log["history"].append(dict(step=step, seconds=seconds0 + time.time() - start, val_acc=acc, per_type=per_type))
