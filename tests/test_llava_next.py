@@ -55,6 +55,8 @@ def test_layout_tiles_the_unpadded_grid_with_a_newline_per_row(next_model, next_
         assert crop.max() < crop_rows * crop_cols
         for axis, block in ((0, crop // crop_cols), (1, crop % crop_cols)):
             assert any(torch.equal((cells[:, axis] + pad) // side, block) for pad in range(side))
+        extents = layout.crop_extents()
+        assert sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in extents.values()) == rows * cols  # they tile it
 
 
 def test_features_and_sources_line_up(next_model, next_batch):

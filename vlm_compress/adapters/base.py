@@ -64,6 +64,17 @@ class TokenLayout:
         order = (self.cell[index, 0] * cols + self.cell[index, 1]).argsort()
         return index[order]
 
+    def crop_extents(self) -> dict[int, tuple[int, int, int, int]]:
+        """``{crop: (row0, row1, col0, col1)}``: the half-open block of the unpadded high-resolution grid each crop
+        covers (edge crops lose what unpadding removed; a crop of padding only is absent)."""
+        out = {}
+        for c in self.crop.unique().tolist():
+            if c == OUTSIDE:
+                continue
+            cells = self.cell[self.crop == c]
+            out[c] = (int(cells[:, 0].min()), int(cells[:, 0].max()) + 1, int(cells[:, 1].min()), int(cells[:, 1].max()) + 1)
+        return out
+
     def key(self) -> Hashable:
         """Images whose layouts have equal keys have identical layouts (the stage batches them together)."""
         return self.num_tokens, tuple(sorted(self.grids.items())), self.crop_layout, self.num_newlines
