@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import nn
 
 from ..testing import SPECIAL_TOKENS, TINY_LLAVA_DIMS, build_llava, build_processor, wrap_tokenizer
 from .task import COLORS, SHAPES, ShapesTask, vocabulary
+from .timing import machine_description
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -324,7 +324,7 @@ def main() -> None:
         log.setdefault("resumed", []).append({"at_step": log["steps"], "args": vars(args)})
     else:
         model, heads = build_llava(tokenizer, dims, args.seed).train(), AuxHeads(dims.vision_hidden, grid)
-        log = {"args": vars(args), "dims": dataclasses.asdict(dims), "machine": f"{platform.processor()} x{os.cpu_count()}",
+        log = {"args": vars(args), "dims": dataclasses.asdict(dims), "machine": {**machine_description(torch.device("cpu")), "cores": os.cpu_count()},
                "history": [], "seconds": 0.0, "steps": 0}
     processor = build_processor(tokenizer, dims)
     if args.freeze_vision:

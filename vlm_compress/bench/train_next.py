@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 from ..testing import TINY_LLAVA_DIMS, build_llava_next, build_next_processor
 from .task import ShapesTask
+from .timing import machine_description
 from .train import GroundingProbe, attention_mass_loss, question_targets, target_mask, word_grounding
 
 NEXT_TASK = ShapesTask(canvas=192, cell=8, objects=(4, 10),
@@ -163,7 +163,7 @@ def main() -> None:
     else:
         model, processor = initial_model(Path(args.base))
         log = {"args": vars(args), "task": NEXT_TASK.describe(), "pinpoints": PINPOINTS,
-               "machine": f"{platform.processor()} x{os.cpu_count()}", "history": [], "seconds": 0.0, "steps": 0}
+               "machine": {**machine_description(torch.device("cpu")), "cores": os.cpu_count()}, "history": [], "seconds": 0.0, "steps": 0}
     processor.tokenizer.padding_side = "left"
     model.train()
     model.model.vision_tower.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""lmms-eval model plugin: a local Hugging Face LLaVA, compressed by vlm-compress, under lmms-eval's own tasks.
+"""lmms-eval model plugin: a local Hugging Face LLaVA / LLaVA-NeXT, compressed by vlm-compress, under lmms-eval's own tasks.
 
 Tasks with ``output_type: generate_until`` only; ``loglikelihood`` raises (lmms-eval 0.7.3 cannot score it).
 
@@ -142,7 +142,7 @@ def _method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 class VLMCompressLlava(lmms):
-    """A local ``LlavaForConditionalGeneration`` under lmms-eval, compressed by :func:`vlm_compress.compress`.
+    """A local LLaVA or LLaVA-NeXT checkpoint under lmms-eval, compressed by :func:`vlm_compress.compress`.
 
     See the module docstring for ``model_args``, the prompt format and the cost metrics.
     """
@@ -163,7 +163,7 @@ class VLMCompressLlava(lmms):
         **method_options: Any,
     ) -> None:
         super().__init__()
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if pretrained is None or not Path(str(pretrained), "config.json").is_file():
             raise ValueError(
@@ -181,7 +181,7 @@ class VLMCompressLlava(lmms):
 
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, str(dtype))
-        self._model = LlavaForConditionalGeneration.from_pretrained(
+        self._model = AutoModelForImageTextToText.from_pretrained(
             str(pretrained), dtype=torch_dtype, local_files_only=True
         ).to(self._device).eval()
         self.processor = AutoProcessor.from_pretrained(str(pretrained), local_files_only=True)
