@@ -87,11 +87,33 @@ def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int, turn
             scene_labels[b, pair] = 1.0
     targets = torch.stack([torch.stack([target_mask(q, t, s.objects, grid) for q, _, t in conv])
                            for s, conv in zip(samples, conversations)])  # [B, T, N]
+    pair_targets = torch.stack([torch.stack([relation_targets(q, t, s.objects, grid) for q, _, t in conv])
+                                for s, conv in zip(samples, conversations)])  # [B, T, 2, N]
     word_positions, word_targets = word_grounding(ids, answer_positions, conversations, samples, tokenizer, grid)
     return dict(pixel_values=pixels, input_ids=ids, attention_mask=enc.attention_mask, labels=labels,
                 patch_labels=patch_labels, scene_labels=scene_labels, targets=targets,
-                answer_positions=answer_positions, word_positions=word_positions, word_targets=word_targets,
-                samples=samples)
+                pair_targets=pair_targets, answer_positions=answer_positions, word_positions=word_positions,
+                word_targets=word_targets, samples=samples)
+
+
+def relation_targets(question: str, qtype: str, objects, grid: int) -> torch.Tensor:
+    """[2, N]: for "is the A left of the B", object A and object B (one head looks at each); zeros otherwise."""
+    out = torch.zeros(2, grid * grid)
+    if qtype == "relative":
+        words = question.split()
+        for slot, shape in enumerate((words[2], words[6])):
+            for o in objects:
+                if o.shape == shape:
+                    out[slot, o.row * grid + o.col] = 1.0
+    return out
+
+
+def image_columns(input_ids: torch.Tensor, image_token_id: int, targets: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Scatter per-visual-token ``targets`` ``[B, ..., N]`` onto the sequence axis of ``like`` ``[B, ..., L]``."""
+    image = (input_ids == image_token_id).view(like.shape[0], *([1] * (like.dim() - 2)), -1).expand_as(like)
+    out = torch.zeros_like(like)
+    out[image] = targets.flatten().to(like.dtype)  # every row holds the same number of visual tokens
+    return out
 
 
 def _matches(word: str, o, grid: int) -> bool:
@@ -172,8 +194,9 @@ class GroundingProbe:
         self.hidden = kwargs.get("hidden_states", args[0] if args else None)
         self.cos_sin = kwargs.get("position_embeddings")
 
-    def rows(self, positions: torch.Tensor) -> torch.Tensor:
-        """[B, T, L] head-mean attention probabilities of the ``positions`` ([B, T]) over all positions (causal)."""
+    def rows(self, positions: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """[B, T, L] head-mean attention probabilities of the ``positions`` ([B, T]) over all positions (causal);
+        ``[B, H, T, L]`` with ``per_head``."""
         a = self.attn
         h = self.hidden
         b, length, _ = h.shape
@@ -185,7 +208,8 @@ class GroundingProbe:
         _, k = self.rope(k, k, cos, sin)
         logits = (q @ k.transpose(-1, -2)).float() * a.scaling  # [B, H, T, L]
         future = torch.arange(length) > positions[:, None, :, None]
-        return logits.masked_fill(future, float("-inf")).softmax(-1).mean(1)
+        probs = logits.masked_fill(future, float("-inf")).softmax(-1)
+        return probs if per_head else probs.mean(1)
 
 
 CONTENT_WORDS = {*COLORS, *SHAPES, "top", "bottom", "left", "right"}
@@ -235,21 +259,21 @@ def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vi
     )
     patch_acc = (patch_logits.argmax(-1) == batch["patch_labels"])[batch["patch_labels"] > 0].float().mean()
     ground_loss = torch.zeros(())
+    image_id = model.config.image_token_id
     if probe is not None:
-        rows = probe.rows(batch["answer_positions"])  # [B, T, L]
-        image = (batch["input_ids"] == model.config.image_token_id)[:, None].expand_as(rows)
-        target_cols = torch.zeros_like(rows)
-        target_cols[image] = batch["targets"].flatten()  # every row holds exactly N image tokens
-        ground_loss = attention_mass_loss(rows, target_cols)
+        heads = probe.rows(batch["answer_positions"], per_head=True)  # [B, H, T, L]
+        rows = heads.mean(1)
+        ground_loss = attention_mass_loss(rows, image_columns(batch["input_ids"], image_id, batch["targets"], rows))
+        for head in (0, 1):  # relations: one head on each of the two objects, so their positions can be compared
+            ground_loss = ground_loss + attention_mass_loss(
+                heads[:, head], image_columns(batch["input_ids"], image_id, batch["pair_targets"][:, :, head], rows))
     if question_probe is not None:  # the answer position gathers the question's content words first
         ground_loss = ground_loss + attention_mass_loss(question_probe.rows(batch["answer_positions"]),
                                                         batch["question_targets"])
     if word_probe is not None:  # each content word looks up the objects it describes
         rows = word_probe.rows(batch["word_positions"])  # [B, W, L]
-        image = (batch["input_ids"] == model.config.image_token_id)[:, None].expand_as(rows)
-        target_cols = torch.zeros_like(rows)
-        target_cols[image] = batch["word_targets"].flatten()
-        ground_loss = ground_loss + attention_mass_loss(rows, target_cols)
+        ground_loss = ground_loss + attention_mass_loss(
+            rows, image_columns(batch["input_ids"], image_id, batch["word_targets"], rows))
     return vqa.loss, patch_loss, scene_loss + position_loss + ground_loss, patch_acc
 
 

@@ -27,7 +27,7 @@ import torch
 from ..testing import TINY_LLAVA_DIMS, build_llava_next, build_next_processor
 from .task import ShapesTask
 from .timing import machine_description
-from .train import GroundingProbe, attention_mass_loss, question_targets, target_mask, word_grounding
+from .train import GroundingProbe, attention_mass_loss, image_columns, question_targets, target_mask, word_grounding
 
 NEXT_TASK = ShapesTask(canvas=192, cell=8, objects=(4, 10),
                        question_types=("color_of_shape", "shape_of_color", "presence", "count"))
@@ -90,23 +90,16 @@ def make_batch(processor, task: ShapesTask, split: str, indices, turns: int, rng
 def grounding_loss(probes: dict, input_ids, image_token_id: int, targets: dict) -> torch.Tensor:
     """The attention-mass losses of :mod:`.train` (content words → their objects, answer → question words,
     answer → asked-about objects) on the probes present."""
-    image = input_ids == image_token_id
     loss = torch.zeros(())
-
-    def on_image(rows, image_targets):
-        cols = torch.zeros_like(rows)
-        cols[image[:, None].expand_as(rows)] = image_targets.flatten()
-        return cols
-
     if "word" in probes:
         rows = probes["word"].rows(targets["word_positions"])
-        loss = loss + attention_mass_loss(rows, on_image(rows, targets["word_targets"]))
+        loss = loss + attention_mass_loss(rows, image_columns(input_ids, image_token_id, targets["word_targets"], rows))
     if "question" in probes:
         loss = loss + attention_mass_loss(probes["question"].rows(targets["answer_positions"]),
                                           targets["question_targets"])
     if "ground" in probes:
         rows = probes["ground"].rows(targets["answer_positions"])
-        loss = loss + attention_mass_loss(rows, on_image(rows, targets["targets"]))
+        loss = loss + attention_mass_loss(rows, image_columns(input_ids, image_token_id, targets["targets"], rows))
     return loss
 
 
