@@ -307,6 +307,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--minutes", type=float, default=60)
+    parser.add_argument("--steps", type=int, default=0,
+                        help="train exactly this many steps (the learning-rate cosine runs over them) instead of --minutes")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
@@ -361,7 +363,7 @@ def main() -> None:
     def lr_at(step):  # linear warm-up, then a cosine over this run's wall-clock time
         if step - step0 < args.warmup:
             return args.lr * (step - step0 + 1) / args.warmup
-        progress = (time.time() - start) / (args.minutes * 60)
+        progress = (step - step0) / args.steps if args.steps else (time.time() - start) / (args.minutes * 60)
         return args.lr * max(0.1, 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
     def save(step, seconds):
@@ -377,7 +379,7 @@ def main() -> None:
     model.train()
     start, step = time.time(), step0
     rng = np.random.default_rng(args.seed + step0)
-    while time.time() - start < args.minutes * 60:
+    while (step - step0 < args.steps) if args.steps else (time.time() - start < args.minutes * 60):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         batch = make_batch(task, tokenizer, "train", rng.integers(0, 10**9, args.batch_size), grid, args.turns, rng)

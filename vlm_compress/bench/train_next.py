@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--base", default=str(Path(__file__).resolve().parents[1] / "assets" / "tiny-llava"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--minutes", type=float, default=40)
+    parser.add_argument("--steps", type=int, default=0,
+                        help="train exactly this many steps (the learning-rate cosine runs over them) instead of --minutes")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -168,7 +170,7 @@ def main() -> None:
     def lr_now():
         if step - step0 < args.warmup:
             return args.lr * (step - step0 + 1) / args.warmup
-        progress = (time.time() - start) / (args.minutes * 60)
+        progress = (step - step0) / args.steps if args.steps else (time.time() - start) / (args.minutes * 60)
         return args.lr * max(0.1, 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
     def save():
@@ -181,7 +183,7 @@ def main() -> None:
     probes = {name: GroundingProbe(model, layer) for name, layer in
               (("word", args.word_layer), ("question", args.question_layer), ("ground", args.ground_layer)) if layer >= 0}
     rng = np.random.default_rng(args.seed + step0)
-    while time.time() - start < args.minutes * 60:
+    while (step - step0 < args.steps) if args.steps else (time.time() - start < args.minutes * 60):
         for group in optimizer.param_groups:
             group["lr"] = lr_now()
         inputs, targets = make_batch(processor, NEXT_TASK, "train", rng.integers(0, 10**9, args.batch_size),
