@@ -126,3 +126,84 @@ def test_visionzip_full_budget_is_identity():
     feats = torch.randn(2, 6, 3)
     sel = VisionZipPruner(budget=1.0).select(context(feats, 6))
     assert all(torch.equal(f, g) for f, g in zip(sel.features, feats))
+
+
+# ---- AnyRes methods on a hand-built LLaVA-NeXT layout ------------------------------------------------------------
+# thumbnail 2×2 (tokens 0-3), two crops side by side (1×2), each 2×2, stitched into a 2×4 high-resolution grid with
+# a newline after each row: packed = [t0 t1 t2 t3 | c0(0,0) c0(0,1) c1(0,0) c1(0,1) NL | c0(1,0) c0(1,1) c1(1,0) c1(1,1) NL]
+ANYRES_WHERE = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, -1, 6, 7, 10, 11, -1])  # flat tower-token index (4 per tower image)
+
+
+def anyres_context(keep, rows):
+    """``rows``: [3, 5] CLS rows of the thumbnail and the two crops (CLS column first)."""
+    from vlm_compress.adapters.llava_next import _layout
+
+    layout = _layout(ANYRES_WHERE, per_tower=4, first_tower=0, side=2, crop_layout=(1, 2))
+    n = layout.num_tokens
+    source = torch.where(ANYRES_WHERE >= 0, (ANYRES_WHERE // 4) * 5 + 1 + ANYRES_WHERE % 4, -1)[None]
+    features = torch.arange(float(n)).view(1, n, 1)
+    images = ImageBatch(features=features, vision_features=features, layout=layout, source=source, project=lambda x: x)
+    return EncoderContext(images=images, keep=[keep], image_index_in_prompt=[0], capture=FakeCapture(rows))
+
+
+def test_anyres_layout_of_the_hand_built_image():
+    ctx = anyres_context(1, torch.zeros(3, 5))
+    layout = ctx.layout
+    assert layout.grids == {0: (2, 2), 1: (2, 4)} and layout.num_newlines == 2
+    assert layout.crop.tolist() == [-1] * 4 + [0, 0, 1, 1, -1, 0, 0, 1, 1, -1]
+    assert layout.cell[9].tolist() == [1, 0] and layout.cell[12].tolist() == [1, 3]
+    assert layout.crop_extents() == {0: (0, 2, 0, 2), 1: (0, 2, 2, 4)}
+
+
+class LayerRows(FakeCapture):
+    """CLS rows per vision layer: ``{layer: [3, 5]}``."""
+
+    def first_row_attention(self, layer, head_reduce="mean", kind="probs"):
+        return self.rows[layer]
+
+
+def hired_rows():
+    initial = torch.zeros(3, 5)
+    initial[0, 1:] = torch.tensor([0.9, 0.1, 0.8, 0.2])  # thumbnail: the left column draws the early attention
+    final = torch.zeros(3, 5)
+    final[0, 1:] = torch.tensor([0.1, 0.4, 0.3, 0.2])
+    final[1, 1:] = torch.tensor([0.5, 0.1, 0.3, 0.4])  # crop 0, its own CLS
+    final[2, 1:] = torch.tensor([0.2, 0.6, 0.1, 0.0])  # crop 1
+    return {0: initial, -2: final}
+
+
+def test_hired_splits_the_budget_and_selects_per_partition():
+    from vlm_compress.pruners.hired import HiREDPruner
+
+    ctx = anyres_context(6, None)
+    ctx.capture = LayerRows(hired_rows())
+    # k=6, α=0.5: thumbnail top-3 by final attention → t1 t2 t3. Crops get 3; the top-2 thumbnail cells by initial
+    # attention (0 and 2) both show the left half → crop 0 gets all 3: its tokens 0, 3, 2 → packed 4, 10, 9.
+    sel = HiREDPruner(budget=6).select(ctx)
+    assert sel.kept_index[0].tolist() == [1, 2, 3, 4, 9, 10]
+    # official raster bands: thumbnail cells 0,1 → crop 0, cells 2,3 → crop 1 → counts 1:1 → budgets 2 and 1;
+    # crop 0 keeps tokens 0, 3 (packed 4, 10), crop 1 keeps token 1 = high-res (0, 3) → packed 7
+    sel = HiREDPruner(budget=6, official_bands=True).select(ctx)
+    assert sel.kept_index[0].tolist() == [1, 2, 3, 4, 7, 10]
+    budgets = HiREDPruner(budget=6).crop_budgets(ctx.layout, 3, hired_rows()[0][0, 1:])
+    assert budgets == [3, 0]
+
+
+def test_hired_counts_are_exact_and_newlines_go_last():
+    from vlm_compress.pruners.hired import HiREDPruner
+
+    for keep in range(1, 15):
+        ctx = anyres_context(keep, None)
+        ctx.capture = LayerRows(hired_rows())
+        kept = HiREDPruner(budget=keep).select(ctx).kept_index[0]
+        assert kept.numel() == keep and torch.equal(kept, kept.sort().values)
+        assert bool(ctx.layout.newline[kept].any()) == (keep > 12)
+
+
+def test_apportion_sums_exactly_with_caps():
+    from vlm_compress.budget import apportion
+
+    assert apportion(10, [1, 1, 1], [10, 10, 10]) == [4, 3, 3]  # remainder to the lower index on ties
+    assert apportion(10, [5, 1, 0], [3, 10, 10]) == [3, 7, 0]  # a capped share passes on in proportion
+    assert apportion(100, [1, 2], [5, 5]) == [5, 5]
+    assert apportion(7, [0, 0], [4, 4]) == [4, 3]  # no weight: in proportion to the caps

@@ -37,3 +37,31 @@ def tokens_to_keep(budget: float | int, num_tokens: int) -> int:
     else:
         count = int(budget)
     return max(1, min(num_tokens, count))
+
+
+def apportion(total: int, weights: list[float], caps: list[int]) -> list[int]:
+    """Split ``total`` tokens over partitions in proportion to ``weights``, at most ``caps[j]`` each.
+
+    Largest-remainder rounding (floors first, then one more token to the largest fractional parts, lower index
+    first on ties), with what a capped partition cannot take passed on to the others in proportion, so the result
+    always sums to ``min(total, sum(caps))``. Zero total weight splits in proportion to the caps.
+    """
+    if len(weights) != len(caps):
+        raise ValueError(f"{len(weights)} weights for {len(caps)} partitions")
+    total = min(int(total), sum(caps))
+    out = [0] * len(caps)
+    open_ = [j for j in range(len(caps)) if caps[j] > 0]
+    while total > sum(out) and open_:
+        left = total - sum(out)
+        w = [max(float(weights[j]), 0.0) for j in open_]
+        if sum(w) <= 0:
+            w = [float(caps[j] - out[j]) for j in open_]
+        shares = [left * x / sum(w) for x in w]
+        grant = [math.floor(s) for s in shares]
+        by_remainder = sorted(range(len(open_)), key=lambda i: (-(shares[i] - grant[i]), open_[i]))
+        for i in by_remainder[: left - sum(grant)]:
+            grant[i] += 1
+        for i, j in enumerate(open_):
+            out[j] = min(caps[j], out[j] + grant[i])
+        open_ = [j for j in open_ if out[j] < caps[j]]
+    return out
