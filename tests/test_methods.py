@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import pytest
 import torch
 
 from vlm_compress.adapters.base import ImageBatch, TokenLayout
@@ -207,3 +208,41 @@ def test_apportion_sums_exactly_with_caps():
     assert apportion(10, [5, 1, 0], [3, 10, 10]) == [3, 7, 0]  # a capped share passes on in proportion
     assert apportion(100, [1, 2], [5, 5]) == [5, 5]
     assert apportion(7, [0, 0], [4, 4]) == [4, 3]  # no weight: in proportion to the caps
+
+
+@dataclasses.dataclass
+class MeansCapture:
+    """Stands in for AttentionCapture.attention_means: fixed received/given [tower images, T-1]."""
+
+    received: torch.Tensor
+    given: torch.Tensor
+
+    def attention_means(self, layer, kind="logits"):
+        return self.received, self.given
+
+
+def test_fopru_rank_picks_the_more_varied_statistic():
+    from vlm_compress.pruners.fopru import FoPruPruner
+
+    feats = torch.arange(6.0).view(1, 6, 1)
+    ctx = context(feats, 3)
+    ctx.capture = MeansCapture(torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.3, 0.0]]), torch.tensor([[1.0, 1, 1, 1, 1, 1.1]]))
+    assert FoPruPruner(budget=3).select(ctx).kept_index[0].tolist() == [1, 3, 4]  # received varies more
+    assert FoPruPruner(budget=3, statistic="given").select(ctx).kept_index[0].tolist() == [0, 1, 5]  # ties: lower index
+    # row: the 2×3 grid's row 1 (mean 0.4) whole, then the best token of row 0 (token 1)
+    ctx = context(feats, 4)
+    ctx.capture = MeansCapture(torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.3, 0.0]]), torch.zeros(1, 6))
+    assert FoPruPruner(budget=4, strategy="row").select(ctx).kept_index[0].tolist() == [1, 3, 4, 5]
+
+
+def test_fopru_row_keeps_a_high_resolution_row_with_its_newline():
+    from vlm_compress.pruners.fopru import FoPruPruner
+
+    ctx = anyres_context(7, None)
+    received = torch.tensor([[0.1, 0.1, 0.3, 0.3], [0.9, 0.9, 0.0, 0.0], [0.9, 0.9, 0.0, 0.0]])
+    ctx.capture = MeansCapture(received, torch.zeros(3, 4))
+    # high-res row 0 (mean 0.9) costs 4 tokens + its newline; thumbnail row 1 (mean 0.3) fills the last 2
+    assert FoPruPruner(budget=7, strategy="row").select(ctx).kept_index[0].tolist() == [2, 3, 4, 5, 6, 7, 8]
+    assert FoPruPruner(budget=7, strategy="rank").select(ctx).kept_index[0].tolist() == [0, 2, 3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="strategy"):
+        FoPruPruner(strategy="rows")

@@ -30,6 +30,23 @@ def test_cls_row_matches_eager(tokenizer, pixels, head_reduce, layer):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_patch_attention_means_match_eager(tokenizer, pixels):
+    model = build_llava(tokenizer)
+    tower = model.model.vision_tower
+    with AttentionCapture({-2: get_adapter(model).vision_attention(-2)}, all_query_rows=True) as capture:
+        tower(pixels)
+    received, given = capture.attention_means(-2, "probs")
+    tower.set_attn_implementation("eager")
+    eager = tower(pixels, output_attentions=True).attentions[-2]  # [I, H, T, T] post-softmax
+    patches = eager.mean(1)[:, 1:, 1:]  # FoPru's map: head mean, CLS row and column dropped (softmax over all T)
+    torch.testing.assert_close(received, patches.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(given, patches.mean(2), rtol=1e-5, atol=1e-6)
+    with AttentionCapture({-2: get_adapter(model).vision_attention(-2)}) as capture:
+        tower(pixels)
+    with pytest.raises(RuntimeError, match="all query rows"):
+        capture.attention_means(-2)
+
+
 def test_logits_are_pre_softmax(tokenizer, pixels):
     model = build_llava(tokenizer)
     adapter = get_adapter(model)

@@ -66,3 +66,23 @@ class AttentionCapture:
         """Keys of ``layer`` averaged over heads: ``[I, T, head_dim]``."""
         self._require(layer)
         return self._split_heads(layer, self.keys[layer]).mean(dim=2)
+
+    def attention_means(self, layer: int, kind: ScoreKind = "logits", skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head-mean attention among the tokens after the first ``skip`` (CLS) of ``layer`` (softmax over every key),
+        averaged per token:
+        ``(received [I, T-skip], given [I, T-skip])`` (mean over queries, mean over keys). Needs all query rows
+        (``all_query_rows=True``); heads are processed one at a time, so at most ``[I, T, T]`` is held."""
+        self._require(layer)
+        queries = self.queries[layer]
+        if queries.shape[1] != self.keys[layer].shape[1]:
+            raise RuntimeError(f"layer {layer} was captured without all query rows; the pruner must ask for them")
+        q = self._split_heads(layer, queries)[:, skip:].float()
+        k = self._split_heads(layer, self.keys[layer]).float()
+        scale, heads = self.modules[layer].scale, q.shape[2]
+        total = None
+        for h in range(heads):  # softmax over all keys (CLS included), then CLS's column is dropped
+            a = torch.einsum("bqd,bkd->bqk", q[:, :, h], k[:, :, h]) * scale
+            a = (a.softmax(-1) if kind == "probs" else a)[:, :, skip:]
+            total = a if total is None else total + a
+        mean = total / heads
+        return mean.mean(dim=1), mean.mean(dim=2)

@@ -57,6 +57,18 @@ class EncoderContext:
         source = self.images.source
         return keys[source.clamp_min(0)] * (source >= 0).unsqueeze(-1).to(keys.dtype)
 
+    def attention_statistics(self, layer: int, kind: ScoreKind = "logits") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(received, given)`` ``[I, N]`` float32: the head-mean patch-to-patch attention of vision ``layer`` each
+        visual token receives (mean over queries) and gives (mean over keys), within its own tower image and
+        excluding CLS; ``-inf`` for tokens without one (newlines, CLS). Needs :meth:`EncoderPruner.needs_all_query_rows`."""
+        received, given = self.capture.attention_means(layer, kind)  # [tower images, T - 1]
+        per_image = received.shape[1] + 1
+        source = self.images.source
+        token = source % per_image - 1
+        valid = (source >= 0) & (token >= 0)
+        index = ((source // per_image) * (per_image - 1) + token).clamp_min(0)
+        return tuple(x.flatten()[index].masked_fill(~valid, float("-inf")) for x in (received, given))
+
     def uniform_keep(self) -> int:
         """The common ``keep`` count (images of one call share a layout, hence a count)."""
         if len(set(self.keep)) != 1:
@@ -92,6 +104,10 @@ class EncoderPruner(MethodConfig):
     def attention_layers(self) -> tuple[int, ...]:
         """Vision-tower layers whose queries/keys :meth:`select` reads (empty: no hooks)."""
         return ()
+
+    def needs_all_query_rows(self) -> bool:
+        """Whether :meth:`select` reads attention rows other than CLS (full maps cost memory; say so only then)."""
+        return False
 
     def output_count(self, keep: int, images: ImageBatch) -> int:
         """Tokens this method outputs for a budget of ``keep`` (a pooling grid may give fewer)."""

@@ -86,7 +86,7 @@ class EncoderStage:
         device = input_ids.device
 
         t0 = _now(device)
-        with AttentionCapture(self._attention) as capture:
+        with AttentionCapture(self._attention, self.pruner.needs_all_query_rows()) as capture:
             batches = self.adapter.encode_images(pixel_values, **(image_kwargs or {}))
         t1 = _now(device)
 
