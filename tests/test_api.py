@@ -8,7 +8,7 @@ import vlm_compress
 from vlm_compress import compress, compressed, list_methods, restore
 from vlm_compress.budget import tokens_to_keep
 
-METHODS = list_methods()
+METHODS = [m for m in list_methods() if not vlm_compress.get_method(m).requires_anyres]  # single-grid models
 N = GRID * GRID
 
 

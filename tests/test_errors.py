@@ -135,3 +135,9 @@ def test_config_round_trip_every_method():
         assert again == config and type(again) is type(config)
     with pytest.raises(ValueError, match="no 'method' key"):
         MethodConfig.from_dict({"budget": 0.2})
+
+
+def test_anyres_only_method_on_a_single_grid_model(model):
+    with pytest.raises(ValueError, match="LlavaNextForConditionalGeneration"):
+        compress(model, 0.2, "globalcom2")
+    assert "compression" not in model.__dict__ and "forward" not in model.__dict__

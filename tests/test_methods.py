@@ -246,3 +246,24 @@ def test_fopru_row_keeps_a_high_resolution_row_with_its_newline():
     assert FoPruPruner(budget=7, strategy="rank").select(ctx).kept_index[0].tolist() == [0, 2, 3, 4, 5, 6, 7]
     with pytest.raises(ValueError, match="strategy"):
         FoPruPruner(strategy="rows")
+
+
+def test_globalcom2_thumbnail_commands_the_crops():
+    from vlm_compress.pruners.globalcom2 import GlobalCom2Pruner
+
+    rows = torch.zeros(3, 5)
+    rows[0, 1:] = torch.tensor([4.0, 0.0, 4.0, 0.0])  # thumbnail: the left half matters
+    rows[1, 1:] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # crop 0, its own CLS logits
+    rows[2, 1:] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # crop 1
+    ctx = anyres_context(6, None)
+    ctx.capture = LayerRows({-1: rows})
+    pruner = GlobalCom2Pruner(budget=6)
+    # R = 6/12. σ = softmax([8, 0] / 10); r_j = R(1 + σ_j − 1/2)
+    sigma = torch.tensor([0.8, 0.0]).softmax(0)
+    torch.testing.assert_close(pruner.retention(0.5, rows[0, 1:], ctx.layout), 0.5 * (1 + sigma - 0.5))
+    # thumbnail keeps round(R·4) = 2: cells 0 and 2. Crops share 4 in proportion to r_j·4 = 2.38 : 1.62 → 2 and 2.
+    # Global map = bilinear 2×2 → 2×4: each row [4, 3, 1, 0]. Crop 0: L2(local [0,0,0,1]) + L2(global [4,3,4,3])
+    # → members 3 and 0 (packed 10 and 4). Crop 1: L2([1,0,0,0]) + L2([1,0,1,0]) → members 0, 2 (packed 6, 11).
+    assert pruner.select(ctx).kept_index[0].tolist() == [0, 2, 4, 6, 10, 11]
+    kept = GlobalCom2Pruner(budget=6, keep_newlines=True).select(ctx).kept_index[0]
+    assert kept.numel() == 6 and {8, 13} <= set(kept.tolist())  # both newlines kept, 4 content tokens

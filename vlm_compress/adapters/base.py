@@ -128,6 +128,7 @@ class Adapter:
     """Base class: one subclass per model family, registered in ``adapters/__init__.py``."""
 
     model_class_names: tuple[str, ...] = ()
+    anyres: bool = False  # images come as thumbnail + crops + newlines (LLaVA-NeXT)
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -19,6 +19,7 @@ from .llava import LlavaAdapter, ProjectorInput
 
 class LlavaNextAdapter(LlavaAdapter):
     model_class_names = ("LlavaNextForConditionalGeneration",)
+    anyres = True
 
     def encode_images(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> list[ImageBatch]:
         """One single-image :class:`ImageBatch` per image (AnyRes layouts differ with the aspect ratio)."""

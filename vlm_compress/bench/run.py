@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .. import compress, list_methods, restore
+from .. import compress, get_method, list_methods, restore
+from ..adapters import get_adapter
 from ..stats import prompt_costs
 from .data import ASSETS, EMBEDDED_MODELS, Item, answer_prior, jsonl_items, shapes_items, task_for
 from .timing import PeakMemory, decode_ms_per_token, machine_description, timed
@@ -155,7 +156,12 @@ def run(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
         prior_note = "most frequent training answer per question type"
     runner = Runner(model, processor, items, args.prompt, args.batch_size, args.max_new_tokens)
 
-    configs = [("none", 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
+    anyres = get_adapter(model).anyres
+    methods = [m for m in args.methods if anyres or not get_method(parse_method(m)[0]).requires_anyres]
+    skipped = sorted(set(args.methods) - set(methods))
+    if skipped:
+        print(f"skipping {', '.join(skipped)} on {Path(model_path).name}: AnyRes (LLaVA-NeXT) only", file=sys.stderr)
+    configs = [("none", 1.0)] + [(m, b) for m in methods for b in args.budgets]
     progress = _progress(len(configs))
     rows: list[Row] = []
     reference: list[str] = []
@@ -197,6 +203,7 @@ def run(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
         "samples": len(items), "answer_prior": prior, "answer_prior_note": prior_note,
         "machine": {**machine_description(device), "dtype": args.dtype},
         "rows": [dataclasses.asdict(r) for r in rows],
+        "skipped_methods": skipped,
     }
     return result
 

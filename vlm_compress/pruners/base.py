@@ -100,6 +100,7 @@ class EncoderPruner(MethodConfig):
     """Encoder-stage method: choose or merge visual tokens before they enter the LLM."""
 
     stage: ClassVar[str] = "encoder"
+    requires_anyres: ClassVar[bool] = False  # needs thumbnail + crops (LLaVA-NeXT); compress() refuses other models
 
     def attention_layers(self) -> tuple[int, ...]:
         """Vision-tower layers whose queries/keys :meth:`select` reads (empty: no hooks)."""
