@@ -39,6 +39,7 @@ def context(features, keep, rows=None, keys=None, grid=(2, 3), vision=None, offs
         vision_features=vision if vision is not None else features,
         layout=TokenLayout.single_grid(grid, n - grid[0] * grid[1]),
         source=torch.arange(i)[:, None] * tower + offset + torch.arange(n),
+        tower_length=tower,
         project=project or (lambda x: x),
     )
     return EncoderContext(images=images, keep=[keep] * i, image_index_in_prompt=list(range(i)), capture=FakeCapture(rows, keys))
@@ -143,7 +144,8 @@ def anyres_context(keep, rows):
     n = layout.num_tokens
     source = torch.where(ANYRES_WHERE >= 0, (ANYRES_WHERE // 4) * 5 + 1 + ANYRES_WHERE % 4, -1)[None]
     features = torch.arange(float(n)).view(1, n, 1)
-    images = ImageBatch(features=features, vision_features=features, layout=layout, source=source, project=lambda x: x)
+    images = ImageBatch(features=features, vision_features=features, layout=layout, source=source, tower_length=5,
+                        project=lambda x: x)
     return EncoderContext(images=images, keep=[keep], image_index_in_prompt=[0], capture=FakeCapture(rows))
 
 
@@ -267,3 +269,37 @@ def test_globalcom2_thumbnail_commands_the_crops():
     assert pruner.select(ctx).kept_index[0].tolist() == [0, 2, 4, 6, 10, 11]
     kept = GlobalCom2Pruner(budget=6, keep_newlines=True).select(ctx).kept_index[0]
     assert kept.numel() == 6 and {8, 13} <= set(kept.tolist())  # both newlines kept, 4 content tokens
+
+
+@dataclasses.dataclass
+class HiddenCapture(FakeCapture):
+    hidden_states: dict = None
+
+
+def test_mustdrop_merges_alike_windows_and_protects_key_tokens():
+    from vlm_compress.pruners.mustdrop import MustDropPruner
+
+    # a 3×6 grid = two 3×3 windows; window A (columns 0-2) has identical layer-0 states, window B orthogonal ones
+    n = 18
+    hidden = torch.zeros(1, n + 1, n + 1)
+    window_a = [r * 6 + c for r in range(3) for c in range(3)]
+    for t in range(n):
+        hidden[0, 1 + t, 0 if t in window_a else 1 + t] = 1.0
+    scores = torch.zeros(1, n + 1)
+    scores[0, 1:] = torch.linspace(0.01, 0.18, n)  # later tokens draw more CLS attention
+    feats = torch.arange(float(n)).view(1, n, 1).repeat(1, 1, 2)
+    ctx = context(feats, 12, scores, grid=(3, 6))
+    ctx.capture = HiddenCapture(scores, hidden_states={0: hidden})
+    sel = MustDropPruner(budget=12).select(ctx)
+    # A merges into its last member (token 14); 10 tokens remain, fewer than the budget, so all stay
+    assert sel.kept_index[0].tolist() == [3, 4, 5, 9, 10, 11, 14, 15, 16, 17]
+    merged = sel.features[0][sel.kept_index[0].tolist().index(14)]
+    torch.testing.assert_close(merged, feats[0, window_a].mean(0))  # size-weighted mean of the window
+    assert sel.merged_into[0][window_a].tolist() == [6] * 9
+    # key set: ceil(0.08 · 10) = 1 token, the best-scored survivor (17, output slot 9)
+    assert sel.protected[0].tolist() == [9]
+    # budget 5: the key token, then the best of the rest by CLS score; the merged token scores its members' mean
+    # (mean index 7 → 0.08), below tokens 10 and 11
+    ctx.keep = [5]
+    sel = MustDropPruner(budget=5).select(ctx)
+    assert sel.kept_index[0].tolist() == [10, 11, 15, 16, 17] and sel.protected[0].tolist() == [4]

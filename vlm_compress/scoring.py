@@ -17,20 +17,29 @@ class AttentionCapture:
     """Context manager capturing queries and keys of some attention modules during one tower forward.
 
     attention_modules: ``{layer_index: attention module}``; each module must have ``q_proj``, ``k_proj``,
-    ``num_heads``, ``head_dim`` and ``scale``. Hooks exist only inside the ``with`` block.
+    ``num_heads``, ``head_dim`` and ``scale``. ``layer_modules``: ``{layer_index: encoder layer}`` whose output
+    hidden states to keep (``hidden_states[layer]``). Hooks exist only inside the ``with`` block.
     """
 
-    def __init__(self, attention_modules: dict[int, nn.Module], all_query_rows: bool = False):
+    def __init__(self, attention_modules: dict[int, nn.Module], all_query_rows: bool = False,
+                 layer_modules: dict[int, nn.Module] | None = None):
         self.modules = attention_modules
         self.all_query_rows = all_query_rows
+        self.layer_modules = layer_modules or {}
         self.queries: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}
+        self.hidden_states: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> "AttentionCapture":
         for layer, attn in self.modules.items():
             self._handles.append(attn.q_proj.register_forward_hook(self._store(self.queries, layer, query=True)))
             self._handles.append(attn.k_proj.register_forward_hook(self._store(self.keys, layer, query=False)))
+        for layer, module in self.layer_modules.items():
+            def keep(module: nn.Module, args: tuple, output, layer: int = layer) -> None:
+                self.hidden_states[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+
+            self._handles.append(module.register_forward_hook(keep))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -88,6 +88,7 @@ class ImageBatch:
     vision_features: ``[I, N, Dv]`` the same tokens before the projector (zeros where there is none: newlines).
     source: ``[I, N]`` index of each token in the tower's flattened output ``[tower_images · T]`` (CLS included),
         so attention columns can be read for it; -1 for tokens the tower did not produce (newlines).
+    tower_length: ``T``, tokens per tower image (CLS included).
     project: the projector, ``[..., Dv] → [..., D]``.
     """
 
@@ -95,6 +96,7 @@ class ImageBatch:
     vision_features: torch.Tensor
     layout: TokenLayout
     source: torch.Tensor
+    tower_length: int
     project: Callable[[torch.Tensor], torch.Tensor]
 
     @property
@@ -139,6 +141,10 @@ class Adapter:
 
     @property
     def text_config(self) -> Any:
+        raise NotImplementedError
+
+    def vision_layer(self, layer: int) -> nn.Module:
+        """Encoder layer ``layer`` of the vision tower (negative indices count from the end)."""
         raise NotImplementedError
 
     def vision_attention(self, layer: int) -> nn.Module:

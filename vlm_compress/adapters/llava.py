@@ -26,11 +26,14 @@ class LlavaAdapter(Adapter):
         tower = self.model.model.vision_tower
         return getattr(tower, "vision_model", tower)
 
-    def vision_attention(self, layer: int) -> nn.Module:
+    def vision_layer(self, layer: int) -> nn.Module:
         layers = self._tower.encoder.layers
         if not -len(layers) <= layer < len(layers):
             raise ValueError(f"vision layer {layer} out of range: the tower has {len(layers)} layers")
-        return layers[layer].self_attn
+        return layers[layer]
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self.vision_layer(layer).self_attn
 
     def num_vision_layers(self) -> int:
         return len(self._tower.encoder.layers)
@@ -59,6 +62,7 @@ class LlavaAdapter(Adapter):
             vision_features=vision_features,
             layout=TokenLayout.single_grid(grid, prefix),
             source=source.to(features.device),
+            tower_length=tower_length,
             project=base.multi_modal_projector,
         )]
 

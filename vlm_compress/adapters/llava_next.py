@@ -67,6 +67,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 vision_features=vision_features[None],
                 layout=layout,
                 source=source[None],
+                tower_length=per_tower + tower_offset,
                 project=base.multi_modal_projector,
             ))
         return batches

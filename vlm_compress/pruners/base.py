@@ -69,6 +69,24 @@ class EncoderContext:
         index = ((source // per_image) * (per_image - 1) + token).clamp_min(0)
         return tuple(x.flatten()[index].masked_fill(~valid, float("-inf")) for x in (received, given))
 
+    def hidden(self, layer: int) -> torch.Tensor:
+        """``[I, N, Dv]`` output of vision ``layer`` at each visual token (zeros for newlines)."""
+        states = self.capture.hidden_states[layer].flatten(0, 1)
+        source = self.images.source
+        return states[source.clamp_min(0)] * (source >= 0).unsqueeze(-1).to(states.dtype)
+
+    def tower_cell(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tower image [I, N], (row, col) [I, N, 2])``: where each visual token sits in the tower image it came
+        from (a crop, the thumbnail, or the only image), its patch grid being ``images.grid``; -1 for
+        newlines and CLS."""
+        per_image = self.images.tower_length
+        source = self.images.source
+        patch = source % per_image - (per_image - self.images.grid[0] * self.images.grid[1])
+        valid = (source >= 0) & (patch >= 0)
+        side = self.images.grid[1]
+        cell = torch.stack([patch // side, patch % side], -1).masked_fill(~valid.unsqueeze(-1), -1)
+        return torch.where(valid, source // per_image, torch.full_like(source, -1)), cell
+
     def uniform_keep(self) -> int:
         """The common ``keep`` count (images of one call share a layout, hence a count)."""
         if len(set(self.keep)) != 1:
@@ -83,11 +101,13 @@ class EncoderSelection:
     features: ``[k_i, D]`` tokens to feed to the LLM, in the order they will be placed.
     kept_index: ``[k_i]`` index of the source token of each output (the representative for merged tokens).
     merged_into: optional ``[N]`` output slot each source token went into (-1 if dropped), for overlays.
+    protected: optional ``[p_i]`` output slots later stages must not drop (MustDrop's key set).
     """
 
     features: list[torch.Tensor]
     kept_index: list[torch.Tensor]
     merged_into: list[torch.Tensor] | None = None
+    protected: list[torch.Tensor] | None = None
 
     @classmethod
     def from_indices(cls, features: torch.Tensor, index: torch.Tensor) -> "EncoderSelection":
@@ -100,10 +120,15 @@ class EncoderPruner(MethodConfig):
     """Encoder-stage method: choose or merge visual tokens before they enter the LLM."""
 
     stage: ClassVar[str] = "encoder"
+    adaptive_count: ClassVar[bool] = False  # may return fewer tokens than the budget (data-dependent merging)
     requires_anyres: ClassVar[bool] = False  # needs thumbnail + crops (LLaVA-NeXT); compress() refuses other models
 
     def attention_layers(self) -> tuple[int, ...]:
         """Vision-tower layers whose queries/keys :meth:`select` reads (empty: no hooks)."""
+        return ()
+
+    def hidden_state_layers(self) -> tuple[int, ...]:
+        """Vision-tower layers whose output hidden states :meth:`select` reads (:meth:`EncoderContext.hidden`)."""
         return ()
 
     def needs_all_query_rows(self) -> bool:

@@ -72,6 +72,7 @@ class EncoderStage:
         self.adapter = adapter
         self.pruner = pruner
         self._attention = {layer: adapter.vision_attention(layer) for layer in pruner.attention_layers()}
+        self._layers = {layer: adapter.vision_layer(layer) for layer in pruner.hidden_state_layers()}
 
     def run(
         self,
@@ -91,7 +92,7 @@ class EncoderStage:
         device = input_ids.device
 
         t0 = _now(device)
-        with AttentionCapture(self._attention, self.pruner.needs_all_query_rows()) as capture:
+        with AttentionCapture(self._attention, self.pruner.needs_all_query_rows(), self._layers) as capture:
             batches = self.adapter.encode_images(pixel_values, **(image_kwargs or {}))
         t1 = _now(device)
 
@@ -151,6 +152,7 @@ class EncoderStage:
         features: list[Any] = [None] * image
         kept_index: list[Any] = [None] * image
         merged_into: list[Any] = [None] * image
+        protected: list[Any] = [None] * image
         keep = [0] * image
         for group in members.values():
             images = ImageBatch.cat([batch.rows([row]) for _, batch, row in group])
@@ -159,13 +161,16 @@ class EncoderStage:
                                  image_index_in_prompt=[rank_in_prompt[i] for i, _, _ in group], capture=capture)
             chosen = self.pruner.select(ctx)
             for j, (i, _, _) in enumerate(group):
-                if chosen.features[j].shape[0] != count:
-                    raise RuntimeError(f"{self.pruner.name} returned {chosen.features[j].shape[0]} tokens for image "
-                                       f"{i}, expected {count}")
-                features[i], kept_index[i], keep[i] = chosen.features[j], chosen.kept_index[j], count
+                got = chosen.features[j].shape[0]
+                if got > count or (got < count and not self.pruner.adaptive_count) or got == 0:
+                    raise RuntimeError(f"{self.pruner.name} returned {got} tokens for image {i}, expected {count}")
+                features[i], kept_index[i], keep[i] = chosen.features[j], chosen.kept_index[j], got
                 merged_into[i] = chosen.merged_into[j] if chosen.merged_into is not None else None
-        merged = merged_into if all(m is not None for m in merged_into) else None
-        return EncoderSelection(features=features, kept_index=kept_index, merged_into=merged), keep
+                protected[i] = chosen.protected[j] if chosen.protected is not None else None
+        complete = lambda values: values if all(v is not None for v in values) else None  # noqa: E731
+        selection = EncoderSelection(features=features, kept_index=kept_index, merged_into=complete(merged_into),
+                                     protected=complete(protected))
+        return selection, keep
 
     @staticmethod
     def _newlines(batches: list[ImageBatch], selection: EncoderSelection) -> tuple[int, int]:
