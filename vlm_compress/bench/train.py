@@ -46,14 +46,19 @@ def build_tokenizer():
 
 
 class AuxHeads(nn.Module):
-    """Training-only heads: per-patch (background + shape×colour) and scene-level multi-label on CLS."""
+    """Training-only heads: per-patch (background + shape×colour) and scene-level multi-label on CLS; per-patch
+    row/column classes on the vision features; linear (row, col) coordinates on the projected tokens, so that "left
+    of" is a difference along one direction of the LLM's input space."""
 
-    def __init__(self, vision_hidden: int, grid: int):
+    def __init__(self, vision_hidden: int, grid: int, text_hidden: int):
         super().__init__()
         self.grid = grid
         self.patch = nn.Linear(vision_hidden, 1 + len(PAIRS))
         self.scene = nn.Linear(vision_hidden, len(PAIRS))
         self.position = nn.Linear(vision_hidden, 2 * grid)  # row and column of every patch
+        self.coords = nn.Linear(text_hidden, 2)
+        nn.init.zeros_(self.coords.weight)  # starts at the centre: no large early gradients into the projector
+        nn.init.constant_(self.coords.bias, 0.5)
 
 
 def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int, turns: int = 1, rng=None):
@@ -261,12 +266,12 @@ def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vi
     ground_loss = torch.zeros(())
     image_id = model.config.image_token_id
     if probe is not None:
-        heads = probe.rows(batch["answer_positions"], per_head=True)  # [B, H, T, L]
-        rows = heads.mean(1)
+        per_head = probe.rows(batch["answer_positions"], per_head=True)  # [B, H, T, L]
+        rows = per_head.mean(1)
         ground_loss = attention_mass_loss(rows, image_columns(batch["input_ids"], image_id, batch["targets"], rows))
         for head in (0, 1):  # relations: one head on each of the two objects, so their positions can be compared
             ground_loss = ground_loss + attention_mass_loss(
-                heads[:, head], image_columns(batch["input_ids"], image_id, batch["pair_targets"][:, :, head], rows))
+                per_head[:, head], image_columns(batch["input_ids"], image_id, batch["pair_targets"][:, :, head], rows))
     if question_probe is not None:  # the answer position gathers the question's content words first
         ground_loss = ground_loss + attention_mass_loss(question_probe.rows(batch["answer_positions"]),
                                                         batch["question_targets"])
@@ -274,7 +279,11 @@ def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vi
         rows = word_probe.rows(batch["word_positions"])  # [B, W, L]
         ground_loss = ground_loss + attention_mass_loss(
             rows, image_columns(batch["input_ids"], image_id, batch["word_targets"], rows))
-    return vqa.loss, patch_loss, scene_loss + position_loss + ground_loss, patch_acc
+    g = heads.grid
+    cells = torch.arange(g * g)
+    where = (torch.stack([cells // g, cells % g], -1).float() + 0.5) / g  # [N, 2] in (0, 1)
+    coord_loss = F.mse_loss(heads.coords(feats).float(), where.expand(feats.shape[0], -1, -1)) * 10
+    return vqa.loss, patch_loss, scene_loss + position_loss + ground_loss + coord_loss, patch_acc
 
 
 @torch.no_grad()
@@ -343,19 +352,21 @@ def main() -> None:
         from transformers import LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
-        heads = AuxHeads(dims.vision_hidden, grid)
+        heads = AuxHeads(dims.vision_hidden, grid, dims.text_hidden)
         if (out / "aux_heads.pt").exists():  # training-only, not shipped: a fresh clone starts them anew
-            heads.load_state_dict(torch.load(out / "aux_heads.pt"))
+            missing, _ = heads.load_state_dict(torch.load(out / "aux_heads.pt"), strict=False)
+            print(f"aux heads started anew: {missing}" if missing else "aux heads resumed", flush=True)
         log = json.loads((out / "train_log.json").read_text())
         log.setdefault("resumed", []).append({"at_step": log["steps"], "args": vars(args)})
     else:
-        model, heads = build_llava(tokenizer, dims, args.seed).train(), AuxHeads(dims.vision_hidden, grid)
+        model, heads = build_llava(tokenizer, dims, args.seed).train(), AuxHeads(dims.vision_hidden, grid, dims.text_hidden)
         log = {"args": vars(args), "dims": dataclasses.asdict(dims), "machine": {**machine_description(torch.device("cpu")), "cores": os.cpu_count()},
                "history": [], "seconds": 0.0, "steps": 0}
     processor = build_processor(tokenizer, dims)
     if args.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
-        heads.requires_grad_(False)
+        for head in (heads.patch, heads.scene, heads.position):  # the tower's heads; coords trains the projector
+            head.requires_grad_(False)
     params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     step0, seconds0 = log["steps"], log["seconds"]
