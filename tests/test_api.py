@@ -24,6 +24,8 @@ def expected_kept(method, budget):
     if method == "pool":  # largest aspect-preserving grid with at most k cells (pool.py docstring)
         side = int((GRID * (k / N) ** 0.5) + 1e-9)
         return max(1, side) ** 2
+    if method == "m3":  # the largest nested scale within the budget: 4×4 → 16, 2×2 → 4, 1×1 → 1 tokens
+        return max(c for c in (16, 4, 1) if c <= k or c == 1)
     return k
 
 

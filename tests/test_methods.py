@@ -303,3 +303,21 @@ def test_mustdrop_merges_alike_windows_and_protects_key_tokens():
     ctx.keep = [5]
     sel = MustDropPruner(budget=5).select(ctx)
     assert sel.kept_index[0].tolist() == [10, 11, 15, 16, 17] and sel.protected[0].tolist() == [4]
+
+
+def test_m3_scales_are_nested_pools_and_budgets_map_below():
+    from vlm_compress.pruners.m3 import M3Pruner, m3_kernels
+
+    assert m3_kernels((24, 24)) == [1, 2, 4, 8, 24] and m3_kernels((12, 12)) == [1, 2, 4, 12]
+    feats = torch.arange(16.0).view(1, 16, 1)  # 4×4 grid, value = raster index
+    for keep, side in ((16, 4), (15, 2), (4, 2), (3, 1)):
+        ctx = context(feats, keep, grid=(4, 4))
+        sel = M3Pruner(budget=keep).select(ctx)
+        grid = feats.view(4, 4)
+        k = 4 // side
+        expected = grid.view(side, k, side, k).mean((1, 3)).flatten()  # avg_pool2d(kernel=stride=k)
+        torch.testing.assert_close(sel.features[0][:, 0], expected)
+    # AnyRes: thumbnail 2×2 and high-res 2×4 pooled with the same kernel; newlines dropped
+    ctx = anyres_context(3, torch.zeros(3, 5))
+    plan = M3Pruner(budget=3).plan(3, ctx.layout)
+    assert plan == [(0, (1, 1)), (1, (1, 2))]  # one token per crop, as M3's per-grid pooling
