@@ -134,9 +134,10 @@ def _matches(word: str, o, grid: int) -> bool:
 def word_grounding(ids, answer_positions, conversations, samples, tokenizer, grid: int):
     """Where each content word of each question should look: ``(positions [B, W], targets [B, W, N])``.
 
-    A content word (colour, shape, quadrant word) targets the objects it describes; the last one of a question
-    targets the objects matching all of them (the red circle of "is there a red circle"). Relative questions
-    ground only their two shapes. Rows are padded with position 0 and no targets (ignored by the loss).
+    A content word (colour, shape, quadrant word) targets the objects it describes on its own (at an early layer a
+    word cannot know its neighbours, so conjunctions are left to the answer position). "left" in a relative
+    question is a relation, not a place, and is skipped. Rows are padded with position 0 and no targets (ignored
+    by the loss).
     """
     content = set(tokenizer.convert_tokens_to_ids(sorted(CONTENT_WORDS)))
     rows_pos, rows_tgt = [], []
@@ -146,13 +147,12 @@ def word_grounding(ids, answer_positions, conversations, samples, tokenizer, gri
             end = int(answer_positions[b, t])
             where = [p for p in range(start, end) if int(ids[b, p]) in content]
             words = tokenizer.convert_ids_to_tokens([int(ids[b, p]) for p in where])
-            if qtype == "relative":
-                where, words = [p for p, w in zip(where, words) if w in SHAPES], [w for w in words if w in SHAPES]
-            for j, (p, w) in enumerate(zip(where, words)):
-                last = j == len(words) - 1 and qtype != "relative"
+            for p, w in zip(where, words):
+                if qtype == "relative" and w not in SHAPES:
+                    continue
                 mask = torch.zeros(grid * grid)
                 for o in s.objects:
-                    if all(_matches(x, o, grid) for x in (words if last else [w])):
+                    if _matches(w, o, grid):
                         mask[o.row * grid + o.col] = 1.0
                 positions.append(p)
                 targets.append(mask)
