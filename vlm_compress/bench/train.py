@@ -312,6 +312,21 @@ def evaluate(model, task, tokenizer, grid, split="val", count=256, batch_size=64
     return correct / count, {k: v[0] / v[1] for k, v in per_type.items()}
 
 
+def schedule(args, step0: int, start: float):
+    """``(lr_at(step), running(step))`` for a run of ``--steps`` steps, or of ``--minutes`` when no steps are given:
+    linear warm-up over ``--warmup`` steps, then a cosine to a tenth of ``--lr``."""
+
+    def progress(step: int) -> float:
+        return (step - step0) / args.steps if args.steps else (time.time() - start) / (args.minutes * 60)
+
+    def lr_at(step: int) -> float:
+        if step - step0 < args.warmup:
+            return args.lr * (step - step0 + 1) / args.warmup
+        return args.lr * max(0.1, 0.5 * (1 + math.cos(math.pi * min(progress(step), 1.0))))
+
+    return lr_at, lambda step: progress(step) < 1.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -371,12 +386,6 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     step0, seconds0 = log["steps"], log["seconds"]
 
-    def lr_at(step):  # linear warm-up, then a cosine over this run's wall-clock time
-        if step - step0 < args.warmup:
-            return args.lr * (step - step0 + 1) / args.warmup
-        progress = (step - step0) / args.steps if args.steps else (time.time() - start) / (args.minutes * 60)
-        return args.lr * max(0.1, 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
     def save(step, seconds):
         model.save_pretrained(out, safe_serialization=True)
         processor.save_pretrained(out)
@@ -389,8 +398,9 @@ def main() -> None:
     word_probe = GroundingProbe(model, args.word_layer) if args.word_layer >= 0 else None
     model.train()
     start, step = time.time(), step0
+    lr_at, running = schedule(args, step0, start)
     rng = np.random.default_rng(args.seed + step0)
-    while (step - step0 < args.steps) if args.steps else (time.time() - start < args.minutes * 60):
+    while running(step):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         batch = make_batch(task, tokenizer, "train", rng.integers(0, 10**9, args.batch_size), grid, args.turns, rng)

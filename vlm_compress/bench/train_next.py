@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -27,7 +26,9 @@ import torch
 from ..testing import TINY_LLAVA_DIMS, build_llava_next, build_next_processor
 from .task import ShapesTask
 from .timing import machine_description
-from .train import GroundingProbe, attention_mass_loss, image_columns, question_targets, target_mask, word_grounding
+from .train import (
+    GroundingProbe, attention_mass_loss, image_columns, question_targets, schedule, target_mask, word_grounding,
+)
 
 NEXT_TASK = ShapesTask(canvas=192, cell=8, objects=(4, 10),
                        question_types=("color_of_shape", "shape_of_color", "presence", "count"))
@@ -166,12 +167,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     step0, seconds0 = log["steps"], log["seconds"]
     start, step = time.time(), step0
-
-    def lr_now():
-        if step - step0 < args.warmup:
-            return args.lr * (step - step0 + 1) / args.warmup
-        progress = (step - step0) / args.steps if args.steps else (time.time() - start) / (args.minutes * 60)
-        return args.lr * max(0.1, 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    lr_at, running = schedule(args, step0, start)
 
     def save():
         model.save_pretrained(out, safe_serialization=True)
@@ -183,9 +179,9 @@ def main() -> None:
     probes = {name: GroundingProbe(model, layer) for name, layer in
               (("word", args.word_layer), ("question", args.question_layer), ("ground", args.ground_layer)) if layer >= 0}
     rng = np.random.default_rng(args.seed + step0)
-    while (step - step0 < args.steps) if args.steps else (time.time() - start < args.minutes * 60):
+    while running(step):
         for group in optimizer.param_groups:
-            group["lr"] = lr_now()
+            group["lr"] = lr_at(step)
         inputs, targets = make_batch(processor, NEXT_TASK, "train", rng.integers(0, 10**9, args.batch_size),
                                      args.turns, rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -198,7 +194,7 @@ def main() -> None:
         optimizer.step()
         step += 1
         if step % 10 == 0:
-            print(f"step {step} vqa {vqa.item():.3f} ground {ground.item():.3f} lr {lr_now():.1e} "
+            print(f"step {step} vqa {vqa.item():.3f} ground {ground.item():.3f} lr {lr_at(step):.1e} "
                   f"{time.time() - start:.0f}s", flush=True)
         if step % args.eval_every == 0:
             acc, per_type = evaluate(model, processor, NEXT_TASK)
