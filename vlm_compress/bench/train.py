@@ -57,8 +57,10 @@ class AuxHeads(nn.Module):
         self.scene = nn.Linear(vision_hidden, len(PAIRS))
         self.position = nn.Linear(vision_hidden, 2 * grid)  # row and column of every patch
         self.coords = nn.Linear(text_hidden, 2)
-        nn.init.zeros_(self.coords.weight)  # starts at the centre: no large early gradients into the projector
-        nn.init.constant_(self.coords.bias, 0.5)
+        self.relation = nn.Linear(text_hidden, 4)  # (row, col) of both objects of a relation, from attention output
+        for head in (self.coords, self.relation):  # start at the centre: no large early gradients
+            nn.init.zeros_(head.weight)
+            nn.init.constant_(head.bias, 0.5)
 
 
 def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int, turns: int = 1, rng=None):
@@ -94,10 +96,13 @@ def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int, turn
                            for s, conv in zip(samples, conversations)])  # [B, T, N]
     pair_targets = torch.stack([torch.stack([relation_targets(q, t, s.objects, grid) for q, _, t in conv])
                                 for s, conv in zip(samples, conversations)])  # [B, T, 2, N]
+    cells = torch.arange(grid * grid)
+    where = (torch.stack([cells // grid, cells % grid], -1).float() + 0.5) / grid  # [N, 2]
+    pair_coords = (pair_targets @ where).flatten(-2)  # [B, T, 4]: (row, col) of object A, then of object B
     word_positions, word_targets = word_grounding(ids, answer_positions, conversations, samples, tokenizer, grid)
     return dict(pixel_values=pixels, input_ids=ids, attention_mask=enc.attention_mask, labels=labels,
                 patch_labels=patch_labels, scene_labels=scene_labels, targets=targets,
-                pair_targets=pair_targets, answer_positions=answer_positions, word_positions=word_positions,
+                pair_targets=pair_targets, pair_coords=pair_coords, answer_positions=answer_positions, word_positions=word_positions,
                 word_targets=word_targets, samples=samples)
 
 
@@ -192,12 +197,24 @@ class GroundingProbe:
 
         self.attn = model.model.language_model.layers[layer].self_attn
         self.rope = apply_rotary_pos_emb
-        self.handle = self.attn.register_forward_pre_hook(self._capture, with_kwargs=True)
-        self.hidden = self.cos_sin = None
+        self.handles = [self.attn.register_forward_pre_hook(self._capture, with_kwargs=True),
+                        self.attn.register_forward_hook(self._output)]
+        self.hidden = self.cos_sin = self.output = None
 
     def _capture(self, module, args, kwargs):
         self.hidden = kwargs.get("hidden_states", args[0] if args else None)
         self.cos_sin = kwargs.get("position_embeddings")
+
+    def _output(self, module, args, output):
+        self.output = output[0] if isinstance(output, tuple) else output  # [B, L, D] after o_proj
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] the attention output at ``positions`` ([B, T])."""
+        return self.output.gather(1, positions[..., None].expand(-1, -1, self.output.shape[-1]))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
     def rows(self, positions: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         """[B, T, L] head-mean attention probabilities of the ``positions`` ([B, T]) over all positions (causal);
@@ -272,6 +289,10 @@ def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vi
         for head in (0, 1):  # relations: one head on each of the two objects, so their positions can be compared
             ground_loss = ground_loss + attention_mass_loss(
                 per_head[:, head], image_columns(batch["input_ids"], image_id, batch["pair_targets"][:, :, head], rows))
+        relation = batch["pair_targets"].sum((-1, -2)) == 2  # [B, T] turns about two objects
+        if bool(relation.any()):  # ... and what the heads bring back holds both positions, linearly
+            predicted = heads.relation(probe.at(batch["answer_positions"])).float()
+            ground_loss = ground_loss + 10 * F.mse_loss(predicted[relation], batch["pair_coords"][relation])
     if question_probe is not None:  # the answer position gathers the question's content words first
         ground_loss = ground_loss + attention_mass_loss(question_probe.rows(batch["answer_positions"]),
                                                         batch["question_targets"])
@@ -426,7 +447,7 @@ def main() -> None:
     save(step, seconds0 + time.time() - start)
     for p in (probe, question_probe, word_probe):
         if p is not None:
-            p.handle.remove()
+            p.remove()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +46,10 @@ def initial_model(base: Path):
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     if set(missing) != {"model.image_newline"} or unexpected:
         raise RuntimeError(f"unexpected weight mismatch: missing {missing}, unexpected {unexpected}")
-    return model, build_next_processor(tokenizer, TINY_LLAVA_DIMS, PINPOINTS)
+    with tempfile.TemporaryDirectory() as tmp:  # train on the image backend that AutoProcessor will load
+        build_next_processor(tokenizer, TINY_LLAVA_DIMS, PINPOINTS).save_pretrained(tmp)
+        processor = AutoProcessor.from_pretrained(tmp)
+    return model, processor
 
 
 def make_batch(processor, task: ShapesTask, split: str, indices, turns: int, rng):
