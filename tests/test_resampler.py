@@ -29,8 +29,9 @@ def test_attention_ignores_content_as_in_the_official_keys(resampler):
 def test_sincos_rows_and_columns():
     pos = sincos_2d(8, 2, 3)
     assert pos.shape == (6, 8)
-    assert torch.equal(pos[0, :4], pos[2, :4]) and not torch.equal(pos[0, :4], pos[3, :4])  # same row, other row
-    assert torch.equal(pos[0, 4:], pos[3, 4:])  # same column
+    # first half: the column (cells 0 and 3 share column 0); second half: the row (cells 0 and 2 share row 0)
+    assert torch.equal(pos[0, :4], pos[3, :4]) and not torch.equal(pos[0, :4], pos[1, :4])
+    assert torch.equal(pos[0, 4:], pos[2, 4:]) and not torch.equal(pos[0, 4:], pos[3, 4:])
 
 
 def test_save_load_round_trip_and_errors(resampler, tmp_path):

@@ -21,14 +21,15 @@ from torch import nn
 
 
 def sincos_2d(dim: int, rows: int, cols: int) -> torch.Tensor:
-    """``[rows·cols, dim]`` 2-D sin-cos position embedding (half the channels encode the row, half the column)."""
+    """``[rows·cols, dim]`` 2-D sin-cos position embedding in the Qwen-VL/MQT layout: the first half of the channels
+    encodes the column (``sin`` then ``cos``), the second half the row; frequencies ``1/10000^(i/(dim/4))``."""
     if dim % 4:
         raise ValueError(f"sin-cos embedding needs dim divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij")
     parts = []
-    for grid in (r.flatten(), c.flatten()):
+    for grid in (c.flatten(), r.flatten()):
         angles = grid[:, None] * omega[None]
         parts += [angles.sin(), angles.cos()]
     return torch.cat(parts, dim=1).float()
@@ -54,7 +55,7 @@ class QueryResampler(nn.Module):
         super().__init__()
         self.config = config
         side = math.isqrt(config.num_queries)
-        self.register_buffer("pos_embed", sincos_2d(config.kv_dim, side, side), persistent=False)
+        self.register_buffer("pos_embed", sincos_2d(config.kv_dim, side, side))  # saved, as in official checkpoints
         self.query = nn.Parameter(torch.empty(config.num_queries, config.kv_dim))
         nn.init.trunc_normal_(self.query, std=0.02)
         self.attn = nn.MultiheadAttention(config.kv_dim, config.num_heads, batch_first=True)
