@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
-.PHONY: setup example test bench bench-quick bench-speed train-tiny
+.PHONY: setup example test bench bench-quick bench-speed train-embedded
 
 setup:
 	EXTRAS=$(EXTRAS) bash tools/setup_env.sh
@@ -26,8 +26,19 @@ bench-quick: setup
 
 bench-speed: setup
 	$(PY) eval/speed_bench.py
+	$(PY) eval/speed_bench.py --dims cpu-scaled-next --repeats 3 --new-tokens 16
 
-# Reproduce the shipped tiny-llava from scratch (see its train_log.json for the recorded runs).
-train-tiny: setup
-	$(PY) -m vlm_compress.bench.train --out vlm_compress/assets/tiny-llava --minutes 30
-	$(PY) -m vlm_compress.bench.train --out vlm_compress/assets/tiny-llava --minutes 60 --resume --freeze-vision --lr 5e-4 --warmup 50
+# Reproduce the shipped models from scratch: tiny-llava's curriculum (stages and step counts as recorded in its
+# train_log.json, where each stage's arguments are listed), then tiny-llava-next fine-tuned from it.
+TINY := vlm_compress/assets/tiny-llava
+NEXT := vlm_compress/assets/tiny-llava-next
+TRAIN := $(PY) -m vlm_compress.bench.train --out $(TINY)
+FROZEN := --resume --freeze-vision --lr 5e-4
+
+train-embedded: setup
+	$(TRAIN) --steps 1600 --turns 1 --question-layer -1 --ground-layer -1 --word-layer -1
+	$(TRAIN) $(FROZEN) --steps 3000 --warmup 50 --turns 1 --question-layer -1 --word-layer -1
+	$(TRAIN) $(FROZEN) --steps 3282 --warmup 30 --turns 1 --word-layer -1
+	$(TRAIN) $(FROZEN) --steps 518 --warmup 100 --word-layer -1
+	$(TRAIN) $(FROZEN) --steps $(TINY_FINAL_STEPS) --warmup 30
+	$(PY) -m vlm_compress.bench.train_next --base $(TINY) --out $(NEXT) --steps $(NEXT_STEPS)

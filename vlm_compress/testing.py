@@ -113,7 +113,7 @@ def _configs(tokenizer, dims: LlavaDims) -> dict:
     )
 
 
-def _finish(model, tokenizer, seed: int, dtype: torch.dtype):
+def _finish(model, tokenizer, dtype: torch.dtype):
     model = model.to(dtype).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -127,7 +127,7 @@ def build_llava(tokenizer=None, dims: LlavaDims | None = None, seed: int = 0, dt
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     config = LlavaConfig(**_configs(tokenizer, dims or LlavaDims()))
     torch.manual_seed(seed)
-    return _finish(LlavaForConditionalGeneration(config), tokenizer, seed, dtype)
+    return _finish(LlavaForConditionalGeneration(config), tokenizer, dtype)
 
 
 def anyres_pinpoints(dims: LlavaDims, max_crops: int = 4) -> list[list[int]]:
@@ -146,7 +146,7 @@ def build_llava_next(tokenizer=None, dims: LlavaDims | None = None, seed: int = 
     dims = dims or LlavaDims()
     config = LlavaNextConfig(**_configs(tokenizer, dims), image_grid_pinpoints=pinpoints or anyres_pinpoints(dims))
     torch.manual_seed(seed)
-    return _finish(LlavaNextForConditionalGeneration(config), tokenizer, seed, dtype)
+    return _finish(LlavaNextForConditionalGeneration(config), tokenizer, dtype)
 
 
 def build_processor(tokenizer=None, dims: LlavaDims | None = None):
@@ -154,13 +154,16 @@ def build_processor(tokenizer=None, dims: LlavaDims | None = None):
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     dims = dims or LlavaDims()
     size = dims.image_size
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return LlavaProcessor(
+    return _processor(LlavaProcessor, image_processor, tokenizer, dims)
+
+
+def _processor(cls, image_processor, tokenizer, dims: LlavaDims):
+    return cls(
         image_processor=image_processor,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
         patch_size=dims.patch_size,
         vision_feature_select_strategy=dims.vision_feature_select_strategy,
         num_additional_image_tokens=1,
@@ -172,20 +175,13 @@ def build_next_processor(tokenizer=None, dims: LlavaDims | None = None, pinpoint
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     dims = dims or LlavaDims()
     size = dims.image_size
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_grid_pinpoints=pinpoints or anyres_pinpoints(dims),
     )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=dims.patch_size,
-        vision_feature_select_strategy=dims.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-    )
+    return _processor(LlavaNextProcessor, image_processor, tokenizer, dims)
 
 
 def random_images(count: int, size: tuple[int, int] = (60, 80), seed: int = 0):
