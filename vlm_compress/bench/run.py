@@ -156,11 +156,16 @@ def run(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
         prior_note = "most frequent training answer per question type"
     runner = Runner(model, processor, items, args.prompt, args.batch_size, args.max_new_tokens)
 
-    anyres = get_adapter(model).anyres
-    methods = [m for m in args.methods if anyres or not get_method(parse_method(m)[0]).requires_anyres]
-    skipped = sorted(set(args.methods) - set(methods))
-    if skipped:
-        print(f"skipping {', '.join(skipped)} on {Path(model_path).name}: AnyRes (LLaVA-NeXT) only", file=sys.stderr)
+    adapter = get_adapter(model)
+    methods, skipped = [], {}
+    for spec in args.methods:
+        name, options = parse_method(spec)
+        try:
+            get_method(name).create(**options).check(adapter)
+            methods.append(spec)
+        except ValueError as err:  # e.g. AnyRes-only methods on LLaVA-1.5, or weights trained for another model
+            skipped[spec] = str(err)
+            print(f"skipping {spec} on {Path(model_path).name}: {err}", file=sys.stderr)
     configs = [("none", 1.0)] + [(m, b) for m in methods for b in args.budgets]
     progress = _progress(len(configs))
     rows: list[Row] = []

@@ -63,14 +63,16 @@ class AuxHeads(nn.Module):
             nn.init.constant_(head.bias, 0.5)
 
 
-def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int, turns: int = 1, rng=None):
+def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int, turns: int = 1, rng=None,
+               image_tokens: int | None = None):
     """A training batch; with ``turns > 1`` each image gets a conversation of that many questions (LLaVA's
     multi-turn format, ``... ASSISTANT: a </s> USER: q ASSISTANT: a </s>``), so one pass over its 144 image tokens
-    trains several answers. The first question is the generator's own."""
+    trains several answers. The first question is the generator's own. ``image_tokens`` sets the number of image
+    placeholders (default: one per patch)."""
     samples = [task.sample_at(split, int(i)) for i in indices]
     pixels = np.stack([s.image for s in samples]).astype(np.float32) / 255.0
     pixels = torch.from_numpy(((pixels - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2).copy())
-    n_tokens = grid * grid
+    n_tokens = image_tokens or grid * grid
     conversations = [[(s.question, s.answer, s.qtype)] + (task.questions_about(s.objects, rng, turns - 1) if turns > 1 else [])
                      for s in samples]
     texts = []

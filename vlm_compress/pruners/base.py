@@ -123,6 +123,14 @@ class EncoderPruner(MethodConfig):
     adaptive_count: ClassVar[bool] = False  # may return fewer tokens than the budget (data-dependent merging)
     requires_anyres: ClassVar[bool] = False  # needs thumbnail + crops (LLaVA-NeXT); compress() refuses other models
 
+    def check(self, adapter) -> None:
+        """Raise a ``ValueError`` if this method cannot run on ``adapter``'s model (called by ``compress``)."""
+        if self.requires_anyres and not adapter.anyres:
+            raise ValueError(
+                f"{self.name!r} needs AnyRes images (thumbnail + crops), which {type(adapter.model).__name__} does not "
+                f"have; use it on LlavaNextForConditionalGeneration, or pick a single-grid method such as 'cls_attn'"
+            )
+
     def attention_layers(self) -> tuple[int, ...]:
         """Vision-tower layers whose queries/keys :meth:`select` reads (empty: no hooks)."""
         return ()

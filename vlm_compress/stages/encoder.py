@@ -64,11 +64,7 @@ class EncoderStage:
     """Runs one encoder-stage pruner on a model through its adapter."""
 
     def __init__(self, adapter: Adapter, pruner: EncoderPruner):
-        if pruner.requires_anyres and not adapter.anyres:
-            raise ValueError(
-                f"{pruner.name!r} needs AnyRes images (thumbnail + crops), which {type(adapter.model).__name__} does not "
-                f"have; use it on LlavaNextForConditionalGeneration, or pick a single-grid method such as 'cls_attn'"
-            )
+        pruner.check(adapter)
         self.adapter = adapter
         self.pruner = pruner
         self._attention = {layer: adapter.vision_attention(layer) for layer in pruner.attention_layers()}
