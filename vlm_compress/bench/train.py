@@ -87,7 +87,7 @@ def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int, turn
     for offset in (1, 2):  # the answer and its EOS
         rows = torch.arange(len(samples))[:, None].expand(-1, turns)
         labels[rows, answer_positions + offset] = ids[rows, answer_positions + offset]
-    patch_labels = torch.zeros(len(samples), n_tokens, dtype=torch.long)
+    patch_labels = torch.zeros(len(samples), grid * grid, dtype=torch.long)
     scene_labels = torch.zeros(len(samples), len(PAIRS))
     for b, s in enumerate(samples):
         for o in s.objects:
