@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vlm_compress import compress, list_methods, restore  # noqa: E402
+from vlm_compress import compress, get_method, list_methods, restore  # noqa: E402
+from vlm_compress.adapters import get_adapter  # noqa: E402
 from vlm_compress.bench.timing import PeakMemory, decode_ms_per_token, machine_description, timed  # noqa: E402
 from vlm_compress.stats import prefill_flops, vision_flops  # noqa: E402
 from vlm_compress.testing import (  # noqa: E402
@@ -85,7 +86,15 @@ def main() -> None:
             model.model.get_image_features(pixel_values=inputs["pixel_values"], **image_kwargs)
 
     prompt_len = int(inputs["attention_mask"].sum())
-    configs = [("none", 1.0)] + [(m, b) for m in args.methods for b in args.budgets]
+    adapter = get_adapter(model)
+    runnable = []
+    for name in args.methods:
+        try:
+            get_method(name).create().check(adapter)
+            runnable.append(name)
+        except ValueError as err:  # AnyRes-only methods on LLaVA-1.5, weights trained for another model
+            print(f"skipping {name}: {err}", file=sys.stderr)
+    configs = [("none", 1.0)] + [(m, b) for m in runnable for b in args.budgets]
 
     def apply(method, budget):
         if method != "none":
