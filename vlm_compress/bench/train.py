@@ -58,8 +58,7 @@ class AuxHeads(nn.Module):
         self.position = nn.Linear(vision_hidden, 2 * grid)  # row and column of every patch
         self.coords = nn.Linear(text_hidden, 2)
         self.relation = nn.Linear(text_hidden, 4)  # (row, col) of both objects of a relation, from attention output
-        self.coords_deep = nn.Linear(text_hidden, 2)  # the same coordinates still readable where grounding looks
-        for head in (self.coords, self.relation, self.coords_deep):  # start at the centre: no large early gradients
+        for head in (self.coords, self.relation):  # start at the centre: no large early gradients
             nn.init.zeros_(head.weight)
             nn.init.constant_(head.bias, 0.5)
 
@@ -99,18 +98,14 @@ def make_batch(task: ShapesTask, tokenizer, split: str, indices, grid: int, turn
                            for s, conv in zip(samples, conversations)])  # [B, T, N]
     pair_targets = torch.stack([torch.stack([relation_targets(q, t, s.objects, grid) for q, _, t in conv])
                                 for s, conv in zip(samples, conversations)])  # [B, T, 2, N]
-    pair_coords = (pair_targets @ _cell_centres(grid)).flatten(-2)  # [B, T, 4]: (row, col) of object A, then of object B
+    cells = torch.arange(grid * grid)
+    where = (torch.stack([cells // grid, cells % grid], -1).float() + 0.5) / grid  # [N, 2]
+    pair_coords = (pair_targets @ where).flatten(-2)  # [B, T, 4]: (row, col) of object A, then of object B
     word_positions, word_targets = word_grounding(ids, answer_positions, conversations, samples, tokenizer, grid)
     return dict(pixel_values=pixels, input_ids=ids, attention_mask=enc.attention_mask, labels=labels,
                 patch_labels=patch_labels, scene_labels=scene_labels, targets=targets,
                 pair_targets=pair_targets, pair_coords=pair_coords, answer_positions=answer_positions, word_positions=word_positions,
                 word_targets=word_targets, samples=samples)
-
-
-def _cell_centres(grid: int) -> torch.Tensor:
-    """[grid², 2] (row, col) of every cell's centre, in (0, 1)."""
-    cells = torch.arange(grid * grid)
-    return (torch.stack([cells // grid, cells % grid], -1).float() + 0.5) / grid
 
 
 def relation_targets(question: str, qtype: str, objects, grid: int) -> torch.Tensor:
@@ -296,9 +291,6 @@ def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vi
         for head in (0, 1):  # relations: one head on each of the two objects, so their positions can be compared
             ground_loss = ground_loss + attention_mass_loss(
                 per_head[:, head], image_columns(batch["input_ids"], image_id, batch["pair_targets"][:, :, head], rows))
-        image_rows = probe.hidden[batch["input_ids"] == image_id].view(feats.shape[0], -1, feats.shape[-1])
-        ground_loss = ground_loss + 10 * F.mse_loss(heads.coords_deep(image_rows).float(),
-                                                    _cell_centres(heads.grid).expand(feats.shape[0], -1, -1))
         relation = batch["pair_targets"].sum((-1, -2)) == 2  # [B, T] turns about two objects
         if bool(relation.any()):  # ... and what the heads bring back holds both positions, linearly
             predicted = heads.relation(probe.at(batch["answer_positions"])).float()
@@ -310,7 +302,10 @@ def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vi
         rows = word_probe.rows(batch["word_positions"])  # [B, W, L]
         ground_loss = ground_loss + attention_mass_loss(
             rows, image_columns(batch["input_ids"], image_id, batch["word_targets"], rows))
-    coord_loss = F.mse_loss(heads.coords(feats).float(), _cell_centres(heads.grid).expand(feats.shape[0], -1, -1)) * 10
+    g = heads.grid
+    cells = torch.arange(g * g)
+    where = (torch.stack([cells // g, cells % g], -1).float() + 0.5) / g  # [N, 2] in (0, 1)
+    coord_loss = F.mse_loss(heads.coords(feats).float(), where.expand(feats.shape[0], -1, -1)) * 10
     return vqa.loss, patch_loss, scene_loss + position_loss + ground_loss + coord_loss, patch_acc
 
 
@@ -408,7 +403,7 @@ def main() -> None:
     processor = build_processor(tokenizer, dims)
     if args.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
-        for head in (heads.patch, heads.scene, heads.position):  # the tower's heads; the others train the LLM side
+        for head in (heads.patch, heads.scene, heads.position):  # the tower's heads; coords trains the projector
             head.requires_grad_(False)
     params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
