@@ -117,3 +117,9 @@ def test_question_type_subset_and_description_round_trip():
     assert np.array_equal(again.sample_at("test", 5).image, task.sample_at("test", 5).image)
     with pytest.raises(ValueError, match="question_types"):
         ShapesTask(question_types=("colour",))
+
+
+def test_unrendered_samples_have_the_same_question_and_answer():
+    for i in range(20):
+        drawn, bare = TASK.sample_at("test", i), TASK.sample_at("test", i, render=False)
+        assert bare.image is None and (bare.question, bare.answer, bare.objects) == (drawn.question, drawn.answer, drawn.objects)

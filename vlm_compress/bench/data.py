@@ -16,7 +16,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 @dataclasses.dataclass
 class Item:
-    image: Image.Image
+    image: Image.Image | None
     question: str
     answer: str
     qtype: str = "all"
@@ -25,9 +25,11 @@ class Item:
 EMBEDDED_MODELS = ("tiny-llava", "tiny-llava-next")
 
 
-def shapes_items(count: int, split: str = "test", task: ShapesTask | None = None) -> list[Item]:
+def shapes_items(count: int, split: str = "test", task: ShapesTask | None = None, images: bool = True) -> list[Item]:
+    """``count`` items of a ShapesVQA split; ``images=False`` leaves ``image`` as ``None`` (for answer statistics)."""
     task = task or ShapesTask()
-    return [Item(Image.fromarray(s.image), s.question, s.answer, s.qtype) for s in task.iterate(split, count)]
+    return [Item(Image.fromarray(s.image) if images else None, s.question, s.answer, s.qtype)
+            for s in task.iterate(split, count, render=images)]
 
 
 def task_for(model_path: str | Path, config) -> ShapesTask:

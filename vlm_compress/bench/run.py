@@ -153,7 +153,7 @@ def run(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
     else:
         task = task_for(model_path, model.config)
         items = shapes_items(samples, "test", task)
-        prior = answer_prior(shapes_items(2000, "train", task), items)
+        prior = answer_prior(shapes_items(2000, "train", task, images=False), items)
         prior_note = "most frequent training answer per question type"
     runner = Runner(model, processor, items, args.prompt, args.batch_size, args.max_new_tokens)
 
@@ -321,11 +321,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 40 samples, 2 budgets, random and pool")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 40 samples (unless --samples), budgets 1.0 and 0.22, random and pool")
     parser.add_argument("--out", help="output stem (default: eval/results/bench_<model name>[_quick])")
     args = parser.parse_args(argv)
     if args.quick:
-        args.samples, args.budgets, args.repeats = 40, [1.0, 0.22], 2
+        args.samples, args.budgets, args.repeats = args.samples or 40, [1.0, 0.22], 2
         args.methods = [m for m in ("random", "pool") if m in args.methods] or args.methods[:2]
     unknown = sorted({parse_method(m)[0] for m in args.methods} - set(list_methods()))
     if unknown:

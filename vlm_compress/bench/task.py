@@ -44,7 +44,7 @@ class SceneObject:
 
 @dataclasses.dataclass
 class Sample:
-    image: np.ndarray  # [H, W, 3] uint8
+    image: np.ndarray | None  # [H, W, 3] uint8 (None when not rendered)
     question: str
     answer: str
     qtype: str
@@ -99,24 +99,25 @@ class ShapesTask:
                    question_types=tuple(spec["question_types"]))
 
     # ---- splits ---------------------------------------------------------------------------------------
-    def sample_at(self, split: str, index: int) -> Sample:
-        """The ``index``-th sample of ``split`` ("train", "val" or "test"): deterministic."""
+    def sample_at(self, split: str, index: int, render: bool = True) -> Sample:
+        """The ``index``-th sample of ``split`` ("train", "val" or "test"): deterministic. ``render=False`` skips
+        drawing the image (``image`` is ``None``; question, answer and objects are the same)."""
         if split not in SPLIT_SEEDS:
             raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
-        return self.sample(np.random.default_rng([SPLIT_SEEDS[split], index]))
+        return self.sample(np.random.default_rng([SPLIT_SEEDS[split], index]), render)
 
-    def iterate(self, split: str, count: int, start: int = 0) -> Iterator[Sample]:
+    def iterate(self, split: str, count: int, start: int = 0, render: bool = True) -> Iterator[Sample]:
         for i in range(start, start + count):
-            yield self.sample_at(split, i)
+            yield self.sample_at(split, i, render)
 
     # ---- one sample -----------------------------------------------------------------------------------
-    def sample(self, rng: np.random.Generator) -> Sample:
+    def sample(self, rng: np.random.Generator, render: bool = True) -> Sample:
         qtype = self.question_types[rng.integers(len(self.question_types))]
         for _ in range(100):
             made = getattr(self, f"_q_{qtype}")(rng)
             if made is not None:
                 objects, question, answer = made
-                return Sample(self._render(objects, rng), question, answer, qtype, objects)
+                return Sample(self._render(objects, rng) if render else None, question, answer, qtype, objects)
         raise RuntimeError(f"could not build a {qtype} question on a {self.rows}×{self.cols} grid")
 
     def _random_objects(self, rng, count, shapes=SHAPES, colors=tuple(COLORS)) -> list[tuple[str, str]]:
