@@ -335,6 +335,14 @@ def evaluate(model, task, tokenizer, grid, split="val", count=256, batch_size=64
     return correct / count, {k: v[0] / v[1] for k, v in per_type.items()}
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, clip: float = 1.0) -> None:
+    """Backward, clip the gradient norm, step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+
+
 def schedule(args, step0: int, start: float):
     """``(lr_at(step), running(step))`` for a run of ``--steps`` steps, or of ``--minutes`` when no steps are given:
     linear warm-up over ``--warmup`` steps, then a cosine to a tenth of ``--lr``."""
@@ -431,11 +439,7 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             vqa, patch, scene, patch_acc = losses(model, heads, batch, probe, args.freeze_vision, question_probe,
                                                   word_probe)
-        loss = vqa + scene if args.freeze_vision else vqa + patch + scene
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimizer_step(vqa + scene if args.freeze_vision else vqa + patch + scene, optimizer, params)
         step += 1
         if step % 20 == 0:
             print(f"step {step} vqa {vqa.item():.3f} patch {patch.item():.3f} scene {scene.item():.3f} "

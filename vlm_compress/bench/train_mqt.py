@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..modules.resampler import QueryResampler, ResamplerConfig
 from .task import ShapesTask
 from .timing import machine_description
-from .train import build_tokenizer, make_batch, schedule
+from .train import build_tokenizer, make_batch, optimizer_step, schedule
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -100,10 +100,7 @@ def main() -> None:
                            image_tokens=m)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = answer_loss(model, resampler, batch, m)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(resampler.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(loss, optimizer, list(resampler.parameters()))
         step += 1
         if step % 20 == 0:
             print(f"step {step} m {m} loss {loss.item():.3f} {time.time() - start:.0f}s", flush=True)

@@ -28,7 +28,8 @@ from ..testing import TINY_LLAVA_DIMS, build_llava_next, build_next_processor
 from .task import ShapesTask
 from .timing import machine_description
 from .train import (
-    GroundingProbe, attention_mass_loss, image_columns, question_targets, schedule, target_mask, word_grounding,
+    GroundingProbe, attention_mass_loss, image_columns, optimizer_step, question_targets, schedule, target_mask,
+    word_grounding,
 )
 
 NEXT_TASK = ShapesTask(canvas=192, cell=8, objects=(4, 10),
@@ -191,11 +192,7 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             vqa = model(**inputs).loss
             ground = grounding_loss(probes, inputs["input_ids"], model.config.image_token_id, targets)
-        loss = vqa + ground
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimizer_step(vqa + ground, optimizer, params)
         step += 1
         if step % 10 == 0:
             print(f"step {step} vqa {vqa.item():.3f} ground {ground.item():.3f} lr {lr_at(step):.1e} "
