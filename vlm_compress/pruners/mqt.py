@@ -5,7 +5,8 @@ A trained resampler (:class:`vlm_compress.modules.resampler.QueryResampler`) rep
 vision tower's feature-layer patches and become the ``m`` visual tokens the LLM sees. Needs weights trained for
 the model: ``resampler=PATH`` (default: the one trained for the embedded ``tiny-llava`` by
 ``python -m vlm_compress.bench.train_mqt``; official MQT-LLaVA weights convert with
-:func:`vlm_compress.loaders.convert_original_llava`). Single-grid models only (MQT has no AnyRes variant).
+:func:`vlm_compress.loaders.convert_original_llava`). Single-grid models only (MQT has no AnyRes variant). The resampler replaces the projector, so no budget
+reproduces the stock model's outputs (the one method without identity at budget 1.0).
 
 ``kept_index`` holds, per output token, the patch its query attends to most (the query's spatial centre; the keys
 are positions only, so this does not depend on the image), for overlays.
