@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
-.PHONY: setup example test bench bench-quick bench-speed train-embedded
+.PHONY: setup example test bench bench-quick bench-speed train-embedded train-matryoshka
 
 setup:
 	EXTRAS=$(EXTRAS) bash tools/setup_env.sh
@@ -43,3 +43,8 @@ train-embedded: setup
 	$(TRAIN) $(FROZEN) --steps 518 --warmup 100 --word-layer -1
 	$(TRAIN) $(FROZEN) --steps 3808 --warmup 30
 	$(PY) -m vlm_compress.bench.train_next --base $(TINY) --out $(NEXT) --steps 1359
+
+# The Matryoshka variants of tiny-llava (13 min each on one core; see their train_log.json).
+train-matryoshka: setup
+	$(PY) -m vlm_compress.bench.train_m3 --base $(TINY) --out vlm_compress/assets/tiny-llava-m3 --minutes 13
+	$(PY) -m vlm_compress.bench.train_mqt --base $(TINY) --out vlm_compress/assets/tiny-llava-mqt --minutes 13
