@@ -47,33 +47,31 @@ class EncoderContext:
         """``[I, N]`` float32: each visual token's attention from the CLS of the tower image it came from (a crop's
         own CLS under AnyRes) at vision ``layer``; ``-inf`` for tokens the tower did not produce (newlines), so
         score-based methods drop them first."""
-        rows = self.capture.first_row_attention(layer, head_reduce, kind).flatten()
-        source = self.images.source
-        return rows[source.clamp_min(0)].masked_fill(source < 0, float("-inf"))
+        return self._per_token(self.capture.first_row_attention(layer, head_reduce, kind), float("-inf"))
 
     def keys(self, layer: int) -> torch.Tensor:
         """``[I, N, head_dim]`` head-mean keys of vision ``layer`` per visual token (zeros for newlines)."""
-        keys = self.capture.head_mean_keys(layer).flatten(0, 1)
-        source = self.images.source
-        return keys[source.clamp_min(0)] * (source >= 0).unsqueeze(-1).to(keys.dtype)
+        return self._per_token(self.capture.head_mean_keys(layer), 0.0)
 
     def attention_statistics(self, layer: int, kind: ScoreKind = "logits") -> tuple[torch.Tensor, torch.Tensor]:
         """``(received, given)`` ``[I, N]`` float32: the head-mean patch-to-patch attention of vision ``layer`` each
         visual token receives (mean over queries) and gives (mean over keys), within its own tower image and
         excluding CLS; ``-inf`` for tokens without one (newlines, CLS). Needs :meth:`EncoderPruner.needs_all_query_rows`."""
-        received, given = self.capture.attention_means(layer, kind)  # [tower images, T - 1]
-        per_image = received.shape[1] + 1
-        source = self.images.source
-        token = source % per_image - 1
-        valid = (source >= 0) & (token >= 0)
-        index = ((source // per_image) * (per_image - 1) + token).clamp_min(0)
-        return tuple(x.flatten()[index].masked_fill(~valid, float("-inf")) for x in (received, given))
+        means = self.capture.attention_means(layer, kind)  # [tower images, T - 1]: CLS has none
+        cls = torch.full_like(means[0][:, :1], float("-inf"))
+        return tuple(self._per_token(torch.cat([cls, m], dim=1), float("-inf")) for m in means)
 
     def hidden(self, layer: int) -> torch.Tensor:
         """``[I, N, Dv]`` output of vision ``layer`` at each visual token (zeros for newlines)."""
-        states = self.capture.hidden_states[layer].flatten(0, 1)
+        return self._per_token(self.capture.hidden_states[layer], 0.0)
+
+    def _per_token(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """Tower outputs ``[tower images, T, ...]`` at each visual token's source: ``[I, N, ...]``, ``fill`` where
+        the tower produced no token (newlines)."""
         source = self.images.source
-        return states[source.clamp_min(0)] * (source >= 0).unsqueeze(-1).to(states.dtype)
+        out = values.flatten(0, 1)[source.clamp_min(0)]
+        missing = (source < 0).view(*source.shape, *([1] * (out.dim() - source.dim())))
+        return out.masked_fill(missing, fill)
 
     def tower_cell(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tower image [I, N], (row, col) [I, N, 2])``: where each visual token sits in the tower image it came

@@ -151,7 +151,11 @@ class EncoderStage:
         protected: list[Any] = [None] * image
         keep = [0] * image
         for group in members.values():
-            images = ImageBatch.cat([batch.rows([row]) for _, batch, row in group])
+            whole = group[0][1]
+            if len(group) == whole.num_images and all(b is whole and r == j for j, (_, b, r) in enumerate(group)):
+                images = whole  # one adapter batch, in order (LLaVA-1.5): no copy
+            else:
+                images = ImageBatch.cat([batch.rows([row]) for _, batch, row in group])
             count = self.pruner.output_count(tokens_to_keep(self.pruner.budget, images.layout.num_tokens), images)
             ctx = EncoderContext(images=images, keep=[count] * len(group),
                                  image_index_in_prompt=[rank_in_prompt[i] for i, _, _ in group], capture=capture)
