@@ -7,8 +7,12 @@ No official code exists. Implemented from the paper's description, with the open
   (``layer=-2``), CLS excluded, averaged over the other axis: the attention a token *receives* (mean over
   queries) or *gives* (mean over keys). ``statistic="auto"`` takes, per image, whichever of the two has the larger
   variance (the paper's "most discriminative"; an unofficial implementation in hydrainfer does the same).
-* **Pre-softmax logits** by default (``kind="logits"``): with probabilities every row sums to one, so "given" is
-  constant and the choice above would be empty.
+* **Post-softmax probabilities** by default (``kind="probs"``). The hydrainfer code takes pre-softmax logits
+  (``kind="logits"``), where "given" is informative; with probabilities every row sums to one, so "given" is
+  nearly constant and ``auto`` settles on "received". Measured on the embedded models
+  (``eval/results/investigate_encoder_scores.md``), logits rank *below random* (tiny-llava @0.5: 0.398 vs random
+  0.525) while probabilities are the best training-free method there (0.725; 0.550 @0.11): a query-mean of
+  logits is ``(mean q)·k``, one fixed direction in key space, not where the queries actually look.
 * **rank** strategy (global view): the ``k`` most significant tokens of the image.
 * **row** strategy (local view): whole grid rows by mean significance, best first, as long as they fit; the next
   best row then gives its most significant tokens for the remainder, so the count equals the budget (the paper's
@@ -39,7 +43,9 @@ STATISTICS = ("auto", "received", "given")
 class FoPruPruner(EncoderPruner):
     strategy: str = dataclasses.field(default="rank", metadata={"help": "'rank' (global) or 'row' (whole rows)."})
     layer: int = dataclasses.field(default=-2, metadata={"help": "Vision layer scored (the feature layer, -2)."})
-    kind: str = dataclasses.field(default="logits", metadata={"help": "'logits' (pre-softmax) or 'probs'."})
+    kind: str = dataclasses.field(
+        default="probs", metadata={"help": "'probs' (post-softmax; measured best) or 'logits' (hydrainfer's choice)."}
+    )
     statistic: str = dataclasses.field(
         default="auto", metadata={"help": "'received', 'given', or 'auto' (the one with larger variance per image)."}
     )

@@ -1,7 +1,11 @@
 """``globalcom2``: Global Compression Commander (Liu et al., arXiv 2501.05179, AAAI 2026; reference §6).
 
 LLaVA-NeXT (AnyRes) only: the thumbnail "commands" how much of each crop survives. Scores are the CLS row of the
-last ViT layer as head-mean pre-softmax logits (the official code; the paper says "[CLS] attention").
+last ViT layer as head-mean pre-softmax logits (the official code; the paper says "[CLS] attention"). On the
+embedded tiny-llava-next the official logits lose to ``random`` at budget 0.5 (0.483 vs 0.575) while
+``kind="probs"`` is the second-best method there (0.858 @0.5, 0.833 @0.11): one head with twice the logit spread
+of the others dominates a head-mean of logits (``eval/results/investigate_encoder_scores.md``). The default stays
+the official one, for reproduction; pass ``kind="probs"`` on towers like ours.
 
 With a budget of ``k`` content tokens out of ``n`` (``R = k/n``):
 
