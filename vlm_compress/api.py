@@ -17,6 +17,7 @@ from .config import MethodConfig
 from .patching import patch_method, unpatch_all
 from .registry import get_method
 from .stages.encoder import EncoderStage, RewrittenInputs
+from .stages.prefill import PrefillStage
 from .stats import CompressionStats
 
 DEFAULT_BUDGET = 0.2
@@ -35,6 +36,7 @@ class CompressionState:
     configs: list[MethodConfig]
     adapter: Adapter
     encoder: EncoderStage | None
+    prefill: PrefillStage | None = None
     stats: CompressionStats | None = None
     last: RewrittenInputs | None = None
 
@@ -112,15 +114,18 @@ def compress(
         )
     adapter = get_adapter(model)
     configs = _resolve_configs(method, budget, method_kwargs)
-    encoder_configs = [c for c in configs if c.stage == "encoder"]
-    unsupported = [c for c in configs if c.stage != "encoder"]
-    if unsupported:
-        raise NotImplementedError(f"stage {unsupported[0].stage!r} is not available yet")
-    encoder = EncoderStage(adapter, encoder_configs[0]) if encoder_configs else None
-    state = CompressionState(configs=configs, adapter=adapter, encoder=encoder)
-    if encoder is not None:
-        patch_method(model, "forward", lambda original: _compressed_forward(state, original))
-        patch_method(model, "generate", lambda original: _compressed_generate(state, original))
+    by_stage = {c.stage: c for c in configs}
+    encoder = EncoderStage(adapter, by_stage["encoder"]) if "encoder" in by_stage else None
+    prefill = None
+    if "prefill" in by_stage or "decode" in by_stage:
+        prefill = PrefillStage(adapter, by_stage.get("prefill"))
+        if "decode" in by_stage:
+            prefill.add_decode_policy(by_stage["decode"])
+    state = CompressionState(configs=configs, adapter=adapter, encoder=encoder, prefill=prefill)
+    if prefill is not None:
+        prefill.attach()
+    patch_method(model, "forward", lambda original: _compressed_forward(state, original))
+    patch_method(model, "generate", lambda original: _compressed_generate(state, original))
     model.__dict__[_STATE_ATTR] = state
     return model
 
@@ -129,6 +134,9 @@ def restore(model: nn.Module) -> nn.Module:
     """Undo :func:`compress`: remove every patch and ``model.compression``. Outputs are the untouched model's."""
     if not isinstance(model.__dict__.get(_STATE_ATTR), CompressionState):
         raise ValueError("this model is not compressed; nothing to restore")
+    state = model.__dict__[_STATE_ATTR]
+    if state.prefill is not None:
+        state.prefill.detach()
     unpatch_all(model)
     del model.__dict__[_STATE_ATTR]
     return model
@@ -156,7 +164,7 @@ def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs |
     """Compress the inputs of one call in place in ``call``; ``None`` (and ``call`` untouched) if not applicable."""
     pixel_values = call.get("pixel_values")
     input_ids = call.get("input_ids")
-    if pixel_values is None or call.get("mm_encoder_outputs") is not None:
+    if state.encoder is None or pixel_values is None or call.get("mm_encoder_outputs") is not None:
         return None
     if input_ids is None:
         raise ValueError(
@@ -199,12 +207,34 @@ def _compressed_forward(state: CompressionState, original: Any):
         call = {k: v for k, v in bound.arguments.items() if k != "kwargs"}
         call.update(bound.arguments.get("kwargs", {}))
         cache = call.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:
+        cached = cache.get_seq_length() if cache is not None else 0
+        if cached == 0:
+            _rewrite(state, call)
+        if state.prefill is None:
             return original(**call)
-        _rewrite(state, call)
-        return original(**call)
+        return _run_in_llm(state, original, call, cached)
 
     return forward
+
+
+def _run_in_llm(state: CompressionState, original: Any, call: dict[str, Any], cached: int) -> Any:
+    """One forward through the in-LLM stage: a prompt (empty cache) or a further step on the per-layer caches."""
+    stage = state.prefill
+    input_ids = call.get("input_ids")
+    tokens = input_ids if input_ids is not None else call["inputs_embeds"]
+    new = tokens.shape[1]
+    if cached and stage.slots is not None and call.get("position_ids") is None:
+        # layer 0's cache length is not the sequence length once caches are pruned: give every layer the true one
+        positions = stage.slots.length + torch.arange(new, device=tokens.device)
+        call["position_ids"] = positions.unsqueeze(0).expand(tokens.shape[0], -1)
+    stage.begin(input_ids, call.get("attention_mask"), cached)
+    out = original(**call)
+    if not cached and stage.record is not None:
+        dtype = next(stage.layers[0].parameters()).dtype
+        base = state.stats if call.get("mm_encoder_outputs") is not None else None  # the encoder's, this prompt
+        state.stats = stage.stats(base, torch.finfo(dtype).bits // 8)
+    stage.end(new, getattr(out, "past_key_values", None))
+    return out
 
 
 def _compressed_generate(state: CompressionState, original: Any):

@@ -65,3 +65,22 @@ def apportion(total: int, weights: list[float], caps: list[int]) -> list[int]:
             out[j] = min(caps[j], out[j] + grant[i])
         open_ = [j for j in open_ if out[j] < caps[j]]
     return out
+
+
+def ratio_budget_count(budget: float | int, visual: "torch.Tensor", images: "torch.Tensor", dense_layers: int,
+                       num_layers: int) -> "torch.Tensor":
+    """[B] visual tokens kept from layer ``dense_layers`` on, so the layer-averaged count meets ``budget``.
+
+    With ``N`` visual tokens seen by the first ``K = dense_layers`` of ``L`` layers and ``n`` by the rest, the
+    layer average is ``(K·N + (L−K)·n)/L``. Float β: ``n = round(N·(β·L − K)/(L − K))``. Int M (per image,
+    ``I`` images): ``n = round((M·I·L − K·N)/(L − K))``. Clamped to ``[0, N]``; halves round up.
+    """
+    import torch
+
+    visual = visual.to(torch.float64)
+    if isinstance(budget, float):
+        target = visual * budget * num_layers
+    else:
+        target = images.to(torch.float64) * budget * num_layers
+    kept = torch.floor((target - dense_layers * visual) / (num_layers - dense_layers) + 0.5 + 1e-9)
+    return torch.minimum(kept.clamp(min=0), visual).long()

@@ -29,6 +29,8 @@ class CompressionStats:
     kept_per_image: list[int]
     newlines_in: int = 0  # LLaVA-NeXT newline tokens among visual_tokens_in (counted as visual tokens)
     newlines_kept: int = 0  # of those, how many reach the LLM
+    layer_visual_tokens: list[float] | None = None  # in-LLM methods: visual tokens per image at each layer
+    kv_cache_bytes_decode: int | None = None  # decode policies: KV bytes after the last generated token
 
     @property
     def visual_tokens_per_image_in(self) -> float:

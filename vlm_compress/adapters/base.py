@@ -143,6 +143,19 @@ class Adapter:
     def text_config(self) -> Any:
         raise NotImplementedError
 
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        """The LLM's decoder layers, in order (where the in-LLM stage wraps its per-layer plans)."""
+        layers = getattr(getattr(self.model.model, "language_model", None), "layers", None)
+        if layers is None:
+            raise TypeError(f"cannot find the decoder layers of {type(self.model).__name__}.model.language_model")
+        return layers
+
+    def images_per_sample(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B] images in each prompt: runs of consecutive image placeholders (images separated by text)."""
+        visual = input_ids == self.image_token_id
+        starts = visual[:, 1:] & ~visual[:, :-1]
+        return starts.sum(dim=1) + visual[:, 0].long()
+
     def vision_layer(self, layer: int) -> nn.Module:
         """Encoder layer ``layer`` of the vision tower (negative indices count from the end)."""
         raise NotImplementedError

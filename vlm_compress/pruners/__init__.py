@@ -1,6 +1,7 @@
 """One module per method; importing this package registers them all."""
 
-from . import cls_attn, fopru, globalcom2, hired, m3, mqt, mustdrop, pool, random, visionzip  # noqa: F401  (registration side effects)
+from . import cls_attn, fastv, fopru, globalcom2, hired, m3, mqt, mustdrop, pool, random, visionzip  # noqa: F401  (registration side effects)
 from .base import EncoderContext, EncoderPruner, EncoderSelection
 
 __all__ = ["EncoderContext", "EncoderPruner", "EncoderSelection"]
+from .llm_base import PrefillContext, PrefillPruner
