@@ -1,0 +1,221 @@
+"""The in-LLM stage: per-layer token plans, per-layer KV caches, row attention from q/k, FastV."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from conftest import single
+
+from vlm_compress import compress, restore
+from vlm_compress.budget import ratio_budget_count
+from vlm_compress.pruners.fastv import FastVPruner, fastv_keep_fraction
+from vlm_compress.pruners.llm_base import PrefillPruner
+from vlm_compress.pruners.random import RandomPruner
+from vlm_compress.testing import LlavaDims, build_llava
+
+LAYERS = 4
+N = 16  # visual tokens per image of the test model (4×4 grid)
+
+
+@pytest.fixture()
+def deep(tokenizer):
+    """The test LLaVA with a 4-layer LLM (room for plans that differ per layer)."""
+    return build_llava(tokenizer, LlavaDims(text_layers=LAYERS))
+
+
+@dataclasses.dataclass
+class EveryNth(PrefillPruner):
+    """A plan fixed by position: layer l ≥ 1 processes the visual tokens whose rank is a multiple of l + 1.
+
+    Not monotone (layer 2 keeps ranks 3, 6, ... that layer 1 skipped), and independent of the query, so a full
+    recompute over prompt + generated tokens follows the same plan as cached decoding.
+    """
+
+    name = "every_nth"
+
+    def layer_tokens(self, layer, ctx, hidden):
+        if layer == 0:
+            return None
+        rank = torch.cumsum(ctx.visual.long(), dim=1)
+        return ~ctx.visual | (rank % (layer + 1) == 0)
+
+
+def plan_counts(layer):
+    return N if layer == 0 else N // (layer + 1)
+
+
+def greedy(model, inputs, steps=4):
+    return model.generate(
+        **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+        return_dict_in_generate=True, output_logits=True,
+    )
+
+
+@pytest.mark.parametrize("config", [EveryNth(budget=1.0), FastVPruner(budget=1.0)], ids=["keep-all-plan", "fastv"])
+def test_plan_keeping_everything_is_identity(deep, batch, config):
+    class KeepAll(EveryNth):
+        def layer_tokens(self, layer, ctx, hidden):
+            return torch.ones_like(ctx.visual)
+
+    config = KeepAll(budget=1.0) if isinstance(config, EveryNth) else config
+    ref_logits, ref = deep(**batch).logits, greedy(deep, batch)
+    compress(deep, method=config)
+    assert torch.equal(deep(**batch).logits, ref_logits)
+    out = greedy(deep, batch)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    assert deep.compression.stats.layer_visual_tokens == [N] * LAYERS
+
+
+def test_cached_decode_equals_full_recompute(deep, batch):
+    compress(deep, method=EveryNth(budget=0.5))
+    out = deep(**batch, use_cache=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cache = out.past_key_values
+    for _ in range(3):  # three cached steps
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        out = deep(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+    full = deep(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], use_cache=False)
+    torch.testing.assert_close(out.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_each_layer_caches_what_it_processed(deep, batch):
+    compress(deep, method=EveryNth(budget=0.5))
+    cache = deep(**batch, use_cache=True).past_key_values
+    width = batch["input_ids"].shape[1]
+    valid = batch["attention_mask"].sum(dim=1)
+    slots = deep.compression.prefill.slots
+    for layer in range(LAYERS):
+        dropped = N - plan_counts(layer)
+        # padded to the batch's width minus the tokens this layer skipped (same for every sample here)
+        assert cache.layers[layer].keys.shape[-2] == width - dropped
+        assert slots.cached_tokens(layer).tolist() == (valid - dropped).tolist()
+    assert deep.compression.stats.layer_visual_tokens == [float(plan_counts(i)) for i in range(LAYERS)]
+
+
+@pytest.mark.parametrize("config", [EveryNth(budget=0.5), FastVPruner(budget=0.75)], ids=["every_nth", "fastv"])
+def test_batch_equals_single(deep, processor, images, batch, config):
+    assert (batch["attention_mask"][:, 0] == 0).any(), "fixture must be left-padded"
+    compress(deep, method=config)
+    out = greedy(deep, batch)
+    width = batch["input_ids"].shape[1]
+    for i in range(3):
+        one = greedy(deep, single(processor, images, i))
+        assert torch.equal(out.sequences[i, width:], one.sequences[0, -4:])
+        for step in range(4):
+            torch.testing.assert_close(out.logits[step][i], one.logits[step][0], rtol=1e-4, atol=1e-4)
+
+
+def test_sdpa_stays_and_no_attention_weights_are_requested(deep, batch):
+    seen = []
+
+    def check(module, args, kwargs, output):
+        seen.append((kwargs.get("output_attentions"), output[1]))
+
+    handles = [layer.self_attn.register_forward_hook(check, with_kwargs=True) for layer in deep.model.language_model.layers]
+    compress(deep, budget=0.75, method="fastv")
+    greedy(deep, batch, steps=2)
+    assert deep.config.text_config._attn_implementation == "sdpa"
+    assert seen and all(flag in (None, False) and weights is None for flag, weights in seen)
+    for h in handles:
+        h.remove()
+
+
+def test_eager_attention_gives_the_same_plan_results(tokenizer, batch):
+    sdpa = build_llava(tokenizer, LlavaDims(text_layers=LAYERS))
+    eager = copy.deepcopy(sdpa)
+    eager.set_attn_implementation("eager")
+    compress(sdpa, method=EveryNth(budget=0.5))
+    compress(eager, method=EveryNth(budget=0.5))
+    valid = batch["attention_mask"].bool()  # padding rows differ between the two kernels and are never read
+    torch.testing.assert_close(eager(**batch).logits[valid], sdpa(**batch).logits[valid], rtol=1e-4, atol=1e-4)
+
+
+def test_fastv_keeps_the_top_of_the_last_rows_attention_at_layer_k_minus_1(deep, batch):
+    """Reference: the eager model's own attention weights (allowed in a test, never in the method)."""
+    reference = copy.deepcopy(deep)
+    reference.set_attn_implementation("eager")
+    attentions = reference(**batch, output_attentions=True).attentions  # LLM layers
+    visual = batch["input_ids"] == deep.config.image_token_id
+    row = attentions[1][:, :, -1, :].mean(dim=1)  # layer K-1 = 1, last token (left padding: last column), head mean
+    keep = round(N * fastv_keep_fraction(0.75, 2, LAYERS))  # 8
+    expected = torch.zeros_like(visual)
+    for b in range(3):
+        cols = visual[b].nonzero().squeeze(1)
+        expected[b, cols[row[b, cols].topk(keep).indices]] = True
+    compress(deep, budget=0.75, method=FastVPruner(layer=2))
+    deep(**batch)
+    ctx = deep.compression.prefill.ctx
+    assert torch.equal(ctx.alive & ctx.visual, expected)
+
+
+def test_fastv_counts_follow_the_layer_averaged_budget(deep, batch):
+    compress(deep, budget=0.75, method="fastv")  # K = 2 of 4 layers: n = 16·(0.75·4 − 2)/(4 − 2) = 8
+    deep(**batch)
+    stats = deep.compression.stats
+    assert stats.layer_visual_tokens == [16.0, 16.0, 8.0, 8.0]
+    assert stats.layer_avg_visual_tokens == 0.75 * N
+    assert stats.prefill_flops < stats.prefill_flops_full and stats.kv_cache_bytes < stats.kv_cache_bytes_full
+    restore(deep)
+    compress(deep, budget=10, method="fastv")  # int: 10 per image on average → n = (10·4 − 2·16)/2 = 4
+    deep(**batch)
+    assert deep.compression.stats.layer_visual_tokens == [16.0, 16.0, 4.0, 4.0]
+    restore(deep)
+    compress(deep, method=FastVPruner(budget=0.2, ratio=0.25, layer=1))  # explicit R overrides the budget
+    deep(**batch)
+    assert deep.compression.stats.layer_visual_tokens == [16.0, 12.0, 12.0, 12.0]
+
+
+def test_ratio_budget_count_formula():
+    visual, images = torch.tensor([576, 100]), torch.tensor([1, 1])
+    # budget 0.2 at K=2 of 32 layers: n = N(0.2·32 − 2)/30
+    assert ratio_budget_count(0.2, visual, images, 2, 32).tolist() == [round(576 * 4.4 / 30), round(100 * 4.4 / 30)]
+    assert ratio_budget_count(1000, visual, images, 2, 32).tolist() == [576, 100]  # capped at N
+
+
+def test_fastv_rejects_unreachable_budgets(deep):
+    with pytest.raises(ValueError, match="lower `layer`"):
+        compress(deep, budget=0.25, method="fastv")  # K/L = 0.5
+    with pytest.raises(ValueError, match="layer K must be in"):
+        compress(deep, budget=0.9, method="fastv", layer=LAYERS)
+    assert not hasattr(deep, "compression")
+
+
+def test_fastv_ranks_several_images_together(deep, processor, images):
+    text = ["USER: <image> and <image>\nwhat color is the square ? ASSISTANT:", "USER: <image>\nhow many ? ASSISTANT:"]
+    inputs = processor(images=[images[0], images[1], images[2]], text=text, return_tensors="pt", padding=True)
+    compress(deep, budget=0.75, method="fastv")
+    deep(**inputs)
+    ctx = deep.compression.prefill.ctx
+    assert ctx.images.tolist() == [2, 1]
+    assert (ctx.alive & ctx.visual).sum(dim=1).tolist() == [16, 8]
+    assert deep.compression.stats.images == 3
+
+
+def test_text_only_prompt_runs_untouched(deep, processor):
+    inputs = processor.tokenizer(["USER: hello ASSISTANT:"], return_tensors="pt")
+    ref = deep(**inputs).logits
+    compress(deep, budget=0.75, method="fastv")
+    assert torch.equal(deep(**inputs).logits, ref)
+    assert deep.compression.stats is None
+
+
+def test_stacked_with_an_encoder_method(deep, batch):
+    compress(deep, method=[RandomPruner(budget=0.5), FastVPruner(budget=0.75)])
+    out = greedy(deep, batch, steps=2)
+    stats = deep.compression.stats
+    assert stats.kept_per_image == [8, 8, 8]  # the encoder stage
+    assert stats.layer_visual_tokens == [8.0, 8.0, 4.0, 4.0]  # FastV on what entered the LLM
+    assert out.sequences.shape[1] == batch["input_ids"].shape[1] + 2
+
+
+def test_restore_removes_the_layer_wrappers(deep, batch):
+    ref = deep(**batch).logits
+    compress(deep, budget=0.75, method="fastv")
+    deep(**batch)
+    assert all("forward" in layer.__dict__ for layer in deep.model.language_model.layers)
+    restore(deep)
+    assert not any("forward" in layer.__dict__ for layer in deep.model.language_model.layers)
+    assert torch.equal(deep(**batch).logits, ref)

@@ -1,0 +1,88 @@
+"""Base of in-LLM ("prefill" stage) methods: a token plan decided layer by layer while the prompt is prefilled.
+
+A method sees a :class:`PrefillContext` (which prompt positions are visual, valid, still alive) and answers two
+questions: which tokens layer ``l`` processes (:meth:`PrefillPruner.layer_tokens`, default: the alive set), and,
+after a layer it scores at, which tokens survive (:meth:`PrefillPruner.after_layer`). Gathering, masks, RoPE and
+the per-layer KV caches are the stage's job (``stages/prefill.py``), never the method's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar
+
+import torch
+
+from ..config import MethodConfig
+
+
+@dataclasses.dataclass
+class PrefillContext:
+    """One prompt batch as the LLM sees it. All masks are ``[B, S]`` over the (possibly encoder-shortened) prompt.
+
+    ``visual``: image placeholder positions (newlines included). ``valid``: non-padding. ``alive``: tokens the
+    next layer processes under a monotone plan; methods shrink it in :meth:`PrefillPruner.after_layer`.
+    ``protected``: visual tokens a method must never drop (MustDrop's key set), all False by default.
+    ``images``: [B] images per sample. ``num_layers``: decoder layers.
+    """
+
+    visual: torch.Tensor
+    valid: torch.Tensor
+    alive: torch.Tensor
+    protected: torch.Tensor
+    images: torch.Tensor
+    num_layers: int
+    extras: dict = dataclasses.field(default_factory=dict)  # per-method scratch space for one prompt
+
+    @property
+    def text_after_image(self) -> torch.Tensor:
+        """[B, S] valid tokens after each sample's last visual token (MustDrop's text rows)."""
+        s = self.visual.shape[1]
+        positions = torch.arange(s, device=self.visual.device)
+        last = torch.where(self.visual, positions, -1).amax(dim=1, keepdim=True)
+        return self.valid & (positions > last) & (last >= 0)
+
+    @property
+    def last_token(self) -> torch.Tensor:
+        """[B, S] the last valid position of each sample (FastV's scoring row)."""
+        s = self.visual.shape[1]
+        positions = torch.arange(s, device=self.visual.device)
+        last = torch.where(self.valid, positions, -1).amax(dim=1, keepdim=True)
+        return positions == last
+
+    @property
+    def visual_alive(self) -> torch.Tensor:
+        """[B] visual tokens still alive per sample."""
+        return (self.alive & self.visual).sum(dim=1)
+
+
+# rows [B, S] bool -> attention of those rows over the layer's keys, scattered to prompt positions: [B, R, S]
+RowAttention = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass
+class PrefillPruner(MethodConfig):
+    """Base config of an in-LLM method. Subclasses override the hooks they need."""
+
+    stage: ClassVar[str] = "prefill"
+
+    def check(self, num_layers: int) -> None:
+        """Raise a ``ValueError`` naming the fix if the method cannot run on an LLM of ``num_layers`` layers."""
+
+    def scoring_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Layers after which :meth:`after_layer` is called (with that layer's row attention available)."""
+        return ()
+
+    def start(self, ctx: PrefillContext) -> None:
+        """Called once per prompt batch, before layer 0."""
+
+    def layer_tokens(self, layer: int, ctx: PrefillContext, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[B, S] bool: the tokens layer ``layer`` processes; ``None`` means ``ctx.alive``."""
+        return None
+
+    def after_layer(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
+        """Update ``ctx.alive`` (and anything else) after scoring layer ``layer`` ran."""
+
+    def layer_average(self, visual: int, num_layers: int) -> float:
+        """Layer-averaged visual tokens per image this method targets for ``visual`` visual tokens (for stats)."""
+        raise NotImplementedError

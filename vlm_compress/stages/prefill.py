@@ -1,0 +1,308 @@
+"""The in-LLM stage: per-layer token plans with per-layer KV caches (DESIGN.md, "prefill").
+
+Every decoder layer of the LLM gets a per-instance wrapper (removed by ``restore``). While a prompt is prefilled,
+the wrapper asks the method which tokens the layer processes, gathers their hidden states, rotary cos/sin and
+position ids, builds the attention mask over exactly those tokens, runs the *original* layer, and scatters the
+outputs back; tokens a layer skips pass through it unchanged. The layer's KV cache therefore holds only what it
+processed, so cache lengths differ per layer. :class:`LayerSlots` remembers, per layer and sample, which
+sequence position each cache slot holds; every later call (decode steps) builds its mask from those slots, and
+position ids stay the original ones, so a decode step sits at the full-prompt position in all layers.
+
+Masks are explicit boolean masks for SDPA (additive for eager); attention weights are never requested. When a
+layer processes every token of the prompt the original call runs untouched, which makes a plan that keeps
+everything bit-identical to the uncompressed model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..llm_attention import check_decoder_layer, project_keys, project_queries, row_attention
+from ..patching import patch_method, unpatch_all
+from ..pruners.llm_base import PrefillContext, PrefillPruner
+from ..stats import CompressionStats, kv_cache_bytes, prefill_flops, prompt_costs
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def pack(mask: torch.Tensor, dummy: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the True entries of ``mask`` [B, S], left-aligned and padded: (index [B, n], real [B, n]).
+
+    Padding entries point at ``dummy`` (an extra row the caller appends) so gathers and scatters never collide.
+    """
+    counts = mask.sum(dim=1)
+    n = int(counts.max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]
+    real = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(real, order, dummy), real
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: [B or 1, S(+1), ...]; index: [B, n] → [B, n, ...]."""
+    x = x.expand(index.shape[0], *x.shape[1:])
+    shape = index.shape + (1,) * (x.dim() - 2)
+    return torch.gather(x, 1, index.view(shape).expand(*index.shape, *x.shape[2:]))
+
+
+def _with_dummy(x: torch.Tensor) -> torch.Tensor:
+    """Append one zero row along dim 1 (the target of padding entries)."""
+    return torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], dim=1)
+
+
+@dataclasses.dataclass
+class LayerSlots:
+    """What each layer's KV cache holds: ``positions[l]`` is [B, K_l], the sequence index of every cache slot
+    of layer ``l`` (-1 for padding slots of ragged per-sample sets). ``valid`` [B, T]: non-padding per sequence
+    index over everything seen so far. ``length``: sequence indices seen before the current call.
+    """
+
+    positions: list[torch.Tensor | None]
+    valid: torch.Tensor
+    length: int = 0
+    reshaped: bool = False  # some layer's cache differs from "every token so far" (pruned or evicted)
+
+    def allowed(self, layer: int, query_positions: torch.Tensor) -> torch.Tensor:
+        """[B, Q, K] which of layer ``layer``'s slots each query (sequence indices [B, Q]) may attend to."""
+        keys = self.positions[layer]
+        real = (keys >= 0) & torch.gather(self.valid, 1, keys.clamp(min=0))
+        causal = keys[:, None, :] <= query_positions[:, :, None]
+        itself = keys[:, None, :] == query_positions[:, :, None]
+        return (real[:, None, :] & causal) | itself
+
+    def cached_tokens(self, layer: int) -> torch.Tensor:
+        """[B] non-padding tokens in layer ``layer``'s cache."""
+        keys = self.positions[layer]
+        return ((keys >= 0) & torch.gather(self.valid, 1, keys.clamp(min=0))).sum(dim=1)
+
+
+@dataclasses.dataclass
+class PrefillRecord:
+    """Per-layer token counts of the last prefill, [L] lists of [B] tensors (non-padding tokens only)."""
+
+    tokens: list[torch.Tensor]
+    visual: list[torch.Tensor]
+    select_s: float = 0.0
+
+
+class PrefillStage:
+    """Runs one :class:`PrefillPruner` inside the decoder layers of an adapter's LLM."""
+
+    def __init__(self, adapter: Any, config: PrefillPruner | None):
+        self.adapter = adapter
+        self.config = config
+        self.layers: list[nn.Module] = list(adapter.decoder_layers())
+        for layer in self.layers:
+            check_decoder_layer(layer)
+        attn = getattr(adapter.text_config, "_attn_implementation", "sdpa") or "sdpa"
+        if attn not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"in-LLM compression needs attn_implementation in {SUPPORTED_ATTENTION} (explicit per-layer masks); "
+                f"the model uses {attn!r}. Load it with attn_implementation='sdpa'."
+            )
+        self.attn_implementation = attn
+        if config is not None:
+            config.check(len(self.layers))
+        self.scoring = set(config.scoring_layers(len(self.layers))) if config is not None else set()
+        self.ctx: PrefillContext | None = None
+        self.slots: LayerSlots | None = None
+        self.record: PrefillRecord | None = None
+        self.prefilling = False
+        self.after_step: list[Callable[["PrefillStage", Any], None]] = []  # decode policies hook in here
+
+    def add_decode_policy(self, policy: Any) -> None:
+        """A decode-stage method: called after every forward (prompt and steps) to edit the per-layer caches."""
+        policy.check(len(self.layers))
+        self.after_step.append(policy.apply)
+
+    # -- patching ------------------------------------------------------------------------------------------
+    def attach(self) -> list[nn.Module]:
+        for index, layer in enumerate(self.layers):
+            patch_method(layer, "forward", lambda original, i=index: self._wrap(i, original))
+        return self.layers
+
+    def detach(self) -> None:
+        for layer in self.layers:
+            unpatch_all(layer)
+
+    # -- per call --------------------------------------------------------------------------------------------
+    def begin(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, cache_length: int) -> None:
+        """Called by the model-level wrapper before each forward: a new prompt (empty cache) or a further step."""
+        if cache_length == 0:
+            self._begin_prompt(input_ids, attention_mask)
+        elif self.slots is not None:
+            self._begin_step(input_ids.shape[1], attention_mask)
+
+    def end(self, steps: int, cache: Any) -> None:
+        if self.slots is None:
+            return
+        self.slots.length += steps
+        self.prefilling = False
+        for policy in self.after_step:
+            policy(self, cache)
+
+    def _begin_prompt(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        self.ctx = self.slots = self.record = None
+        if input_ids is None:
+            raise ValueError("in-LLM compression needs input_ids (not inputs_embeds) to find the image tokens")
+        visual = input_ids == self.adapter.image_token_id
+        if not visual.any():
+            return  # text-only prompt: every layer runs untouched
+        b, s = input_ids.shape
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
+        images = self.adapter.images_per_sample(input_ids)
+        self.ctx = PrefillContext(
+            visual=visual, valid=valid, alive=torch.ones_like(visual), protected=torch.zeros_like(visual),
+            images=images, num_layers=len(self.layers),
+        )
+        self.slots = LayerSlots(positions=[None] * len(self.layers), valid=valid)
+        self.record = PrefillRecord(tokens=[], visual=[])
+        self.prefilling = True
+        if self.config is not None:
+            started = time.perf_counter()
+            self.config.start(self.ctx)
+            self.record.select_s += time.perf_counter() - started
+
+    def _begin_step(self, new: int, attention_mask: torch.Tensor | None) -> None:
+        total = self.slots.length + new
+        if attention_mask is not None and attention_mask.shape[1] == total:
+            self.slots.valid = attention_mask.bool()
+        else:
+            ones = self.slots.valid.new_ones(self.slots.valid.shape[0], total - self.slots.valid.shape[1])
+            self.slots.valid = torch.cat([self.slots.valid, ones], dim=1)[:, :total]
+
+    # -- the layer wrapper -----------------------------------------------------------------------------------
+    def _wrap(self, index: int, original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.slots is None:
+                return original(hidden_states, *args, **kwargs)
+            if args:
+                raise TypeError("the compressed decoder layer expects keyword arguments after hidden_states")
+            if self.prefilling:
+                return self._prefill_layer(index, original, hidden_states, kwargs)
+            return self._step_layer(index, original, hidden_states, kwargs)
+
+        return forward
+
+    def _mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[B, Q, K] bool → the 4-D mask the attention implementation takes."""
+        allowed = allowed[:, None]
+        if self.attn_implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+    def _prefill_layer(self, i: int, original: Callable[..., Any], hidden: torch.Tensor, kwargs: dict) -> Any:
+        ctx, slots = self.ctx, self.slots
+        b, s, _ = hidden.shape
+        active = self.config.layer_tokens(i, ctx, hidden) if self.config is not None else None
+        active = (ctx.alive if active is None else active) | ~ctx.visual
+        positions = torch.arange(s, device=hidden.device).expand(b, s)
+        cos, sin = kwargs["position_embeddings"]
+        if bool(active.all()):
+            out = original(hidden, **kwargs)
+            slots.positions[i] = positions
+            layer_hidden, layer_positions, layer_cos, layer_sin = hidden, positions, cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+        else:
+            index, real = pack(active, dummy=s)
+            layer_hidden = _gather_rows(_with_dummy(hidden), index)
+            layer_cos = _gather_rows(_with_dummy(cos), index)
+            layer_sin = _gather_rows(_with_dummy(sin), index)
+            layer_positions = torch.where(real, index, -1)
+            slots.positions[i] = layer_positions
+            slots.reshaped = True
+            call = dict(kwargs)
+            call["position_embeddings"] = (layer_cos, layer_sin)
+            if call.get("position_ids") is not None:
+                call["position_ids"] = _gather_rows(_with_dummy(call["position_ids"].expand(b, -1)[..., None]), index)[..., 0]
+            # padding rows (-1) see only padding slots: finite outputs, which the scatter then discards
+            call["attention_mask"] = self._mask(slots.allowed(i, layer_positions), hidden.dtype)
+            layer_out = original(layer_hidden, **call)
+            out = _with_dummy(hidden.clone())
+            out.scatter_(1, index[..., None].expand_as(layer_out), layer_out)
+            out = out[:, :s]
+        counted = active & ctx.valid
+        self.record.tokens.append(counted.sum(dim=1))
+        self.record.visual.append((counted & ctx.visual).sum(dim=1))
+        if i in self.scoring:
+            started = time.perf_counter()
+            attention = self._row_attention_fn(i, hidden, layer_hidden, layer_positions, layer_cos, layer_sin, kwargs)
+            self.config.after_layer(i, ctx, attention)
+            ctx.alive = ctx.alive | ~ctx.visual | (ctx.protected & ctx.visual)
+            self.record.select_s += time.perf_counter() - started
+        return out
+
+    def _row_attention_fn(
+        self, i: int, hidden: torch.Tensor, layer_hidden: torch.Tensor, layer_positions: torch.Tensor,
+        layer_cos: torch.Tensor, layer_sin: torch.Tensor, kwargs: dict,
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """rows [B, S] → attention of those rows over layer ``i``'s keys, scattered to prompt positions [B, R, S]."""
+        layer = self.layers[i]
+        cache = kwargs.get("past_key_values")
+        s = hidden.shape[1]
+
+        def attention(rows: torch.Tensor) -> torch.Tensor:
+            index, real = pack(rows, dummy=s)
+            cos, sin = kwargs["position_embeddings"]
+            q_cos = _gather_rows(_with_dummy(cos), index)
+            q_sin = _gather_rows(_with_dummy(sin), index)
+            queries = project_queries(layer, _gather_rows(_with_dummy(hidden), index), q_cos, q_sin)
+            if kwargs.get("use_cache") and getattr(cache, "layers", None) is not None:
+                keys = cache.layers[i].keys
+            else:
+                keys = project_keys(layer, layer_hidden, layer_cos, layer_sin)
+            query_positions = torch.where(real, index, -1)
+            allowed = self.slots.allowed(i, query_positions) & real[:, :, None]
+            probs = row_attention(layer, queries, keys, allowed)  # [B, R, K]
+            out = probs.new_zeros(probs.shape[0], probs.shape[1], s + 1)
+            target = torch.where(layer_positions >= 0, layer_positions, s)
+            out.scatter_(2, target[:, None, :].expand_as(probs), probs)
+            return out[..., :s]
+
+        return attention
+
+    def _step_layer(self, i: int, original: Callable[..., Any], hidden: torch.Tensor, kwargs: dict) -> Any:
+        slots = self.slots
+        b, q, _ = hidden.shape
+        query = slots.length + torch.arange(q, device=hidden.device).expand(b, q)
+        slots.positions[i] = torch.cat([slots.positions[i], query], dim=1)
+        if not slots.reshaped:
+            return original(hidden, **kwargs)
+        call = dict(kwargs)
+        call["attention_mask"] = self._mask(slots.allowed(i, query), hidden.dtype)
+        return original(hidden, **call)
+
+    # -- statistics ------------------------------------------------------------------------------------------
+    def stats(self, base: CompressionStats | None, element_size: int) -> CompressionStats | None:
+        """The last prefill's stats: ``base`` (the encoder stage's, if any) with the in-LLM costs filled in."""
+        if self.record is None or len(self.record.tokens) != len(self.layers):
+            return base
+        ctx, text_config = self.ctx, self.adapter.text_config
+        tokens = torch.stack(self.record.tokens, dim=1).tolist()  # [B][L]
+        visual = torch.stack(self.record.visual, dim=1).double()  # [B, L]
+        images = max(int(ctx.images.sum()), 1)
+        if base is None:
+            lengths = ctx.valid.sum(dim=1).tolist()
+            flops_full, kv_full = prompt_costs(lengths, text_config, element_size)
+            entering = (ctx.visual & ctx.valid).sum(dim=1)
+            per_image = [int(n) // max(int(k), 1) for n, k in zip(entering.tolist(), ctx.images.tolist()) for _ in range(int(k))]
+            base = CompressionStats(
+                images=images, visual_tokens_in=int(entering.sum()), visual_tokens_kept=int(entering.sum()),
+                layer_avg_visual_tokens=0.0, prompt_tokens_in=sum(lengths), prompt_tokens_llm=sum(lengths),
+                prefill_flops=flops_full, prefill_flops_full=flops_full, kv_cache_bytes=kv_full,
+                kv_cache_bytes_full=kv_full, encode_ms=0.0, select_ms=0.0, kept_per_image=per_image,
+            )
+        per_layer = (visual.sum(dim=0) / images).tolist()
+        return dataclasses.replace(
+            base,
+            layer_avg_visual_tokens=sum(per_layer) / len(per_layer),
+            layer_visual_tokens=per_layer,
+            prefill_flops=prefill_flops(tokens, text_config),
+            kv_cache_bytes=kv_cache_bytes(tokens, text_config, element_size),
+            select_ms=base.select_ms + self.record.select_s * 1e3,
+        )
