@@ -219,3 +219,110 @@ def test_restore_removes_the_layer_wrappers(deep, batch):
     restore(deep)
     assert not any("forward" in layer.__dict__ for layer in deep.model.language_model.layers)
     assert torch.equal(deep(**batch).logits, ref)
+
+
+# -- decode stage: h2o ------------------------------------------------------------------------------------------
+
+
+def cached_visual(model, layer):
+    """[B] visual tokens in layer ``layer``'s cache after the last call."""
+    stage = model.compression.prefill
+    positions = stage.slots.positions[layer]
+    visual = stage.ctx.visual & stage.ctx.valid
+    visual = torch.nn.functional.pad(visual, (0, int(positions.max()) + 1 - visual.shape[1]))  # generated: text
+    return ((positions >= 0) & torch.gather(visual, 1, positions.clamp(min=0))).sum(dim=1)
+
+
+def test_h2o_leaves_the_prefill_alone_and_evicts_to_the_budget(deep, batch):
+    ref = greedy(deep, batch)
+    compress(deep, budget=0.25, method="h2o")
+    out = greedy(deep, batch)
+    assert torch.equal(out.logits[0], ref.logits[0])  # the prompt's prefill is untouched
+    for layer in range(LAYERS):
+        assert cached_visual(deep, layer).tolist() == [4, 4, 4]
+    stats = deep.compression.stats
+    assert stats.kv_cache_bytes == stats.kv_cache_bytes_full  # prefill cost
+    assert stats.kv_cache_bytes_decode < stats.kv_cache_bytes_full
+    restore(deep)
+    compress(deep, budget=1.0, method="h2o")
+    assert torch.equal(greedy(deep, batch).sequences, ref.sequences)
+
+
+def test_h2o_keeps_the_most_attended_visual_slots(deep, batch):
+    reference = copy.deepcopy(deep)
+    reference.set_attn_implementation("eager")
+    attentions = reference(**batch, output_attentions=True).attentions
+    compress(deep, budget=0.25, method="h2o")
+    deep(**batch, use_cache=True)
+    ctx, slots = deep.compression.prefill.ctx, deep.compression.prefill.slots
+    rows = ctx.text_after_image | ctx.last_token
+    for layer in (0, LAYERS - 1):
+        received = (attentions[layer].mean(dim=1) * rows[:, :, None]).sum(dim=1)  # [B, S]
+        for b in range(3):
+            cols = ctx.visual[b].nonzero().squeeze(1)
+            expected = set(cols[received[b, cols].topk(4).indices].tolist())
+            kept = {p for p in slots.positions[layer][b].tolist() if p >= 0 and bool(ctx.visual[b, p])}
+            assert kept == expected
+
+
+def test_h2o_batch_equals_single(deep, processor, images, batch):
+    compress(deep, budget=0.25, method="h2o")
+    out = greedy(deep, batch)
+    width = batch["input_ids"].shape[1]
+    for i in range(3):
+        one = greedy(deep, single(processor, images, i))
+        assert torch.equal(out.sequences[i, width:], one.sequences[0, -4:])
+        torch.testing.assert_close(out.logits[-1][i], one.logits[-1][0], rtol=1e-4, atol=1e-4)
+
+
+# -- MustDrop stages 2 and 3 ---------------------------------------------------------------------------------------
+
+
+def hand_context(visual_count=6, text=2):
+    from vlm_compress.pruners.llm_base import PrefillContext
+
+    s = 1 + visual_count + text
+    visual = torch.zeros(1, s, dtype=torch.bool)
+    visual[0, 1 : 1 + visual_count] = True
+    return PrefillContext(
+        visual=visual, valid=torch.ones_like(visual), alive=torch.ones_like(visual),
+        protected=torch.zeros_like(visual), images=torch.tensor([1]), num_layers=32,
+    )
+
+
+def test_mustdrop_official_rule_drops_low_global_and_low_individual():
+    from vlm_compress.pruners.mustdrop_llm import MustDropLLMPruner
+
+    ctx = hand_context()
+    rows = torch.zeros(1, 2, ctx.visual.shape[1])  # two text rows after the image; visual tokens at 1..6
+    rows[0, :, 1:7] = torch.tensor([[0.30, 0.001, 0.001, 0.2, 0.0, 0.02], [0.30, 0.001, 0.02, 0.2, 0.0, 0.0]])
+    ctx.protected[0, 5] = True  # the key set: never dropped
+    pruner = MustDropLLMPruner(budget=0.5, mode="official", global_thr=0.01, individual_thr=0.015)
+    pruner.after_layer(2, ctx, lambda r: rows)
+    # g = [.6, .002, .021, .4, 0, .02], Σ = 1.043 → g < 0.01043 for tokens 2 and 5 (5 protected);
+    # token 3 has g .021 ≥ .0104; token 6 has g .02 ≥ .0104 → only token 2 dropped
+    assert (ctx.alive & ctx.visual)[0, 1:7].tolist() == [True, False, True, True, True, True]
+
+
+def test_mustdrop_budget_mode_meets_the_layer_average(deep, batch):
+    from vlm_compress.pruners.mustdrop_llm import MustDropLLMPruner, stage_keep_share
+
+    rho = stage_keep_share(0.5, [1, 2, 3], 4)
+    assert abs((1 + rho + rho**2 + rho**3) / 4 - 0.5) < 1e-9
+    compress(deep, method=MustDropLLMPruner(budget=0.5))
+    cache = deep(**batch, use_cache=True).past_key_values
+    stats = deep.compression.stats
+    assert abs(stats.layer_avg_visual_tokens - 0.5 * N) <= 0.5  # per-stage rounding
+    first = deep.compression.config.scoring_layers(LAYERS)[0]
+    final = stats.layer_visual_tokens[-1]
+    for layer in range(first, LAYERS):  # stage 3: every cache from the first scoring layer holds the final set
+        assert cached_visual(deep, layer).tolist() == [final] * 3
+    assert cache.layers[LAYERS - 1].keys.shape[-2] == cache.layers[first].keys.shape[-2]
+
+
+def test_mustdrop_key_set_from_stage_1_survives_stage_2(deep, batch):
+    compress(deep, method=["mustdrop", "mustdrop_llm"], budget=0.5)
+    deep(**batch)
+    ctx = deep.compression.prefill.ctx
+    assert ctx.protected.any(dim=1).all()
+    assert not (ctx.protected & ~ctx.alive).any()

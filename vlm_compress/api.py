@@ -217,6 +217,24 @@ def _compressed_forward(state: CompressionState, original: Any):
     return forward
 
 
+def _protected_mask(state: CompressionState, input_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, S] the encoder stage's protected tokens (MustDrop's key set) at their placeholders in ``input_ids``."""
+    last = state.last
+    if input_ids is None or last is None or last.selection.protected is None or not torch.equal(last.input_ids, input_ids):
+        return None
+    where = (input_ids == state.adapter.image_token_id).nonzero()  # row-major: images in placeholder order
+    offset, chosen = 0, []
+    for features, slots in zip(last.image_features, last.selection.protected):
+        if slots is not None:
+            chosen.append(slots.to(where.device) + offset)
+        offset += features.shape[0]
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    if chosen:
+        rows = where[torch.cat(chosen)]
+        mask[rows[:, 0], rows[:, 1]] = True
+    return mask
+
+
 def _run_in_llm(state: CompressionState, original: Any, call: dict[str, Any], cached: int) -> Any:
     """One forward through the in-LLM stage: a prompt (empty cache) or a further step on the per-layer caches."""
     stage = state.prefill
@@ -227,13 +245,17 @@ def _run_in_llm(state: CompressionState, original: Any, call: dict[str, Any], ca
         # layer 0's cache length is not the sequence length once caches are pruned: give every layer the true one
         positions = stage.slots.length + torch.arange(new, device=tokens.device)
         call["position_ids"] = positions.unsqueeze(0).expand(tokens.shape[0], -1)
-    stage.begin(input_ids, call.get("attention_mask"), cached)
+    protected = _protected_mask(state, input_ids) if call.get("mm_encoder_outputs") is not None else None
+    stage.begin(input_ids, call.get("attention_mask"), cached, protected)
     out = original(**call)
     if not cached and stage.record is not None:
         dtype = next(stage.layers[0].parameters()).dtype
         base = state.stats if call.get("mm_encoder_outputs") is not None else None  # the encoder's, this prompt
         state.stats = stage.stats(base, torch.finfo(dtype).bits // 8)
     stage.end(new, getattr(out, "past_key_values", None))
+    if state.stats is not None and stage.policies and stage.slots is not None:
+        element = torch.finfo(next(stage.layers[0].parameters()).dtype).bits // 8
+        state.stats.kv_cache_bytes_decode = stage.cache_bytes(element)
     return out
 
 

@@ -9,7 +9,7 @@ the per-layer KV caches are the stage's job (``stages/prefill.py``), never the m
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -83,6 +83,5 @@ class PrefillPruner(MethodConfig):
     def after_layer(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
         """Update ``ctx.alive`` (and anything else) after scoring layer ``layer`` ran."""
 
-    def layer_average(self, visual: int, num_layers: int) -> float:
-        """Layer-averaged visual tokens per image this method targets for ``visual`` visual tokens (for stats)."""
-        raise NotImplementedError
+    def finish(self, stage: Any, cache: Any) -> None:
+        """Called once after the prompt's last layer (MustDrop's stage 3 shrinks the caches here)."""

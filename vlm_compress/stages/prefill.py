@@ -112,12 +112,12 @@ class PrefillStage:
         self.slots: LayerSlots | None = None
         self.record: PrefillRecord | None = None
         self.prefilling = False
-        self.after_step: list[Callable[["PrefillStage", Any], None]] = []  # decode policies hook in here
+        self.policies: list[Any] = []  # decode-stage methods (stages/decode.py)
 
     def add_decode_policy(self, policy: Any) -> None:
-        """A decode-stage method: called after every forward (prompt and steps) to edit the per-layer caches."""
+        """A decode-stage method: observes the prompt's layers, then edits the caches after every forward."""
         policy.check(len(self.layers))
-        self.after_step.append(policy.apply)
+        self.policies.append(policy)
 
     # -- patching ------------------------------------------------------------------------------------------
     def attach(self) -> list[nn.Module]:
@@ -130,22 +130,32 @@ class PrefillStage:
             unpatch_all(layer)
 
     # -- per call --------------------------------------------------------------------------------------------
-    def begin(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, cache_length: int) -> None:
-        """Called by the model-level wrapper before each forward: a new prompt (empty cache) or a further step."""
+    def begin(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, cache_length: int,
+        protected: torch.Tensor | None = None,
+    ) -> None:
+        """Called by the model-level wrapper before each forward: a new prompt (empty cache) or a further step.
+
+        ``protected`` [B, S]: visual tokens no in-LLM method may drop (the encoder stage's key set).
+        """
         if cache_length == 0:
-            self._begin_prompt(input_ids, attention_mask)
+            self._begin_prompt(input_ids, attention_mask, protected)
         elif self.slots is not None:
             self._begin_step(input_ids.shape[1], attention_mask)
 
     def end(self, steps: int, cache: Any) -> None:
         if self.slots is None:
             return
+        prompt, self.prefilling = self.prefilling, False
         self.slots.length += steps
-        self.prefilling = False
-        for policy in self.after_step:
-            policy(self, cache)
+        if self.config is not None and prompt:
+            self.config.finish(self, cache)
+        for policy in self.policies:
+            policy.apply(self, cache, prompt)
 
-    def _begin_prompt(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+    def _begin_prompt(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, protected: torch.Tensor | None
+    ) -> None:
         self.ctx = self.slots = self.record = None
         if input_ids is None:
             raise ValueError("in-LLM compression needs input_ids (not inputs_embeds) to find the image tokens")
@@ -156,7 +166,8 @@ class PrefillStage:
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
         images = self.adapter.images_per_sample(input_ids)
         self.ctx = PrefillContext(
-            visual=visual, valid=valid, alive=torch.ones_like(visual), protected=torch.zeros_like(visual),
+            visual=visual, valid=valid, alive=torch.ones_like(visual),
+            protected=(protected & visual) if protected is not None else torch.zeros_like(visual),
             images=images, num_layers=len(self.layers),
         )
         self.slots = LayerSlots(positions=[None] * len(self.layers), valid=valid)
@@ -229,11 +240,14 @@ class PrefillStage:
         counted = active & ctx.valid
         self.record.tokens.append(counted.sum(dim=1))
         self.record.visual.append((counted & ctx.visual).sum(dim=1))
-        if i in self.scoring:
+        if i in self.scoring or self.policies:
             started = time.perf_counter()
             attention = self._row_attention_fn(i, hidden, layer_hidden, layer_positions, layer_cos, layer_sin, kwargs)
-            self.config.after_layer(i, ctx, attention)
-            ctx.alive = ctx.alive | ~ctx.visual | (ctx.protected & ctx.visual)
+            for policy in self.policies:
+                policy.observe(i, ctx, attention)
+            if i in self.scoring:
+                self.config.after_layer(i, ctx, attention)
+                ctx.alive = ctx.alive | ~ctx.visual | (ctx.protected & ctx.visual)
             self.record.select_s += time.perf_counter() - started
         return out
 
@@ -278,6 +292,16 @@ class PrefillStage:
         return original(hidden, **call)
 
     # -- statistics ------------------------------------------------------------------------------------------
+    def cache_bytes(self, element_size: int) -> int:
+        """Bytes of K and V now held for non-padding tokens, over all layers and samples."""
+        if self.slots is None or any(p is None for p in self.slots.positions):
+            return 0
+        text = self.adapter.text_config
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        tokens = sum(int(self.slots.cached_tokens(i).sum()) for i in range(len(self.layers)))
+        return 2 * tokens * kv_heads * head_dim * element_size
+
     def stats(self, base: CompressionStats | None, element_size: int) -> CompressionStats | None:
         """The last prefill's stats: ``base`` (the encoder stage's, if any) with the in-LLM costs filled in."""
         if self.record is None or len(self.record.tokens) != len(self.layers):
