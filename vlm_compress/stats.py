@@ -22,7 +22,7 @@ class CompressionStats:
     prompt_tokens_llm: int  # non-padding prompt tokens entering the LLM
     prefill_flops: float
     prefill_flops_full: float
-    kv_cache_bytes: int
+    kv_cache_bytes: int  # after the prompt (after eviction, with a decode policy)
     kv_cache_bytes_full: int
     encode_ms: float  # vision tower + projector, including score capture
     select_ms: float  # scoring and selection/merging, excluding the tower
