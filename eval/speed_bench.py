@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vlm_compress import compress, get_method, list_methods, restore  # noqa: E402
-from vlm_compress.adapters import get_adapter  # noqa: E402
+from vlm_compress import compress, list_methods, restore  # noqa: E402
+from vlm_compress.bench.run import parse_method  # noqa: E402
 from vlm_compress.bench.timing import PeakMemory, decode_ms_per_token, machine_description, timed  # noqa: E402
 from vlm_compress.stats import prefill_flops, vision_flops  # noqa: E402
 from vlm_compress.testing import (  # noqa: E402
@@ -86,19 +86,20 @@ def main() -> None:
             model.model.get_image_features(pixel_values=inputs["pixel_values"], **image_kwargs)
 
     prompt_len = int(inputs["attention_mask"].sum())
-    adapter = get_adapter(model)
-    runnable = []
-    for name in args.methods:
-        try:
-            get_method(name).create().check(adapter)
-            runnable.append(name)
-        except ValueError as err:  # AnyRes-only methods on LLaVA-1.5, weights trained for another model
-            print(f"skipping {name}: {err}", file=sys.stderr)
-    configs = [("none", 1.0)] + [(m, b) for m in runnable for b in args.budgets]
+    configs = [("none", 1.0)]
+    for spec in args.methods:
+        for budget in args.budgets:
+            name, options = parse_method(spec)
+            try:
+                restore(compress(model, budget=budget, method=name, **options))
+                configs.append((spec, budget))
+            except ValueError as err:  # AnyRes-only methods on LLaVA-1.5, trained weights, FastV below K/L
+                print(f"skipping {spec} @ {budget}: {err}", file=sys.stderr)
 
     def apply(method, budget):
         if method != "none":
-            compress(model, budget=budget, method=method)
+            name, options = parse_method(method)
+            compress(model, budget=budget, method=name, **options)
 
     def remove(method):
         if method != "none":
@@ -111,11 +112,14 @@ def main() -> None:
         prefill()
         with PeakMemory(device) as mem:
             prefill()
+        full_llm = prefill_flops([[prompt_len] * cfg.text_config.num_hidden_layers], cfg.text_config)
         if method == "none":
-            info[(method, budget)] = dict(visual_tokens=grid_tokens, llm_tokens=prompt_len, peak=mem.peak)
+            info[(method, budget)] = dict(visual_tokens=grid_tokens, llm_tokens=prompt_len, peak=mem.peak,
+                                          layer_avg=grid_tokens, flops_llm=full_llm)
         else:
-            s = model.compression.stats
-            info[(method, budget)] = dict(visual_tokens=s.visual_tokens_kept, llm_tokens=s.prompt_tokens_llm, peak=mem.peak)
+            s = model.compression.stats  # in-LLM methods: FLOPs over their per-layer token counts
+            info[(method, budget)] = dict(visual_tokens=s.visual_tokens_kept, llm_tokens=s.prompt_tokens_llm, peak=mem.peak,
+                                          layer_avg=s.layer_avg_visual_tokens, flops_llm=s.prefill_flops)
         remove(method)
     references = sorted({v["llm_tokens"] for v in info.values()})
     ref_ids = {n: torch.randint(10, len(tokenizer) - 1, (1, n), device=device) for n in references}
@@ -152,11 +156,12 @@ def main() -> None:
         rows.append(
             dict(
                 method=method, budget=budget, visual_tokens=meta["visual_tokens"], llm_tokens=llm_tokens,
+                layer_avg_visual_tokens=meta["layer_avg"],
                 prefill_ms=med(entry["prefill"]), decode_ms_per_token=med(entry["decode"]),
                 vision_ms=med(entry["vision"]) if entry["vision"] else vision_ms,
                 select_ms=med(entry["select"]) if entry["select"] else 0.0,
                 flops_vision=tower_images * vision_flops(cfg.vision_config, tower_tokens),
-                flops_llm=prefill_flops([[llm_tokens] * cfg.text_config.num_hidden_layers], cfg.text_config),
+                flops_llm=meta["flops_llm"],
                 peak_mem_mb=meta["peak"] / 2**20, reference_ms=vision_ms + med(ref_samples[llm_tokens]),
             )
         )
@@ -189,14 +194,15 @@ def to_markdown(rows, machine, command) -> str:
         f"Model (random weights): CLIP ViT {d['vision_layers']}×{d['vision_hidden']} at {d['image_size']}/{d['patch_size']} "
         f"+ Llama {d['text_layers']}×{d['text_hidden']} (MLP {d['text_intermediate']})"
         f"{'; LLaVA-NeXT AnyRes, 672×672 image → thumbnail + 2×2 crops' if machine.get('anyres') else ''}.\n\n"
-        "`ratio` = measured prefill speed-up / FLOPs-ideal speed-up. `vs ref` = our prefill / (stock vision tower + "
+        "`ratio` = measured prefill speed-up / FLOPs-ideal speed-up (in-LLM methods: FLOPs over their per-layer token "
+        "counts; `LLM tok` is then the prompt entering layer 0). `vs ref` = our prefill / (stock vision tower + "
         "stock LLM on a text-only prompt of the same length): the cost of our machinery (1.00 = none).\n\n"
-        "| method | budget | visual tok | LLM tok | prefill ms | speed-up | FLOPs-ideal | ratio | vs ref | "
+        "| method | budget | visual tok | layer-avg tok | LLM tok | prefill ms | speed-up | FLOPs-ideal | ratio | vs ref | "
         "decode ms/tok | decode speed-up | vision ms | select ms | select % | peak MB |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
-        f"| {r['method']} | {r['budget']} | {r['visual_tokens']} | {r['llm_tokens']} | {r['prefill_ms']:.1f} | "
+        f"| {r['method']} | {r['budget']} | {r['visual_tokens']} | {r['layer_avg_visual_tokens']:.1f} | {r['llm_tokens']} | {r['prefill_ms']:.1f} | "
         f"{r['prefill_speedup']:.2f}× | {r['flops_ideal_speedup']:.2f}× | {r['ratio_to_ideal']:.2f} | {r['vs_reference']:.2f} | "
         f"{r['decode_ms_per_token']:.1f} | {r['decode_speedup']:.2f}× | {r['vision_ms']:.1f} | {r['select_ms']:.2f} | "
         f"{r['select_overhead_pct']:.1f} | {r['peak_mem_mb']:.0f} |"
