@@ -9,7 +9,7 @@ from vlm_compress.adapters import get_adapter
 from vlm_compress.budget import tokens_to_keep
 from vlm_compress.testing import build_llava_next, build_next_processor, random_images
 
-METHODS = [m for m in list_methods() if m != "mqt"]  # mqt has no AnyRes variant (test_mqt.py)
+METHODS = [m for m in list_methods("encoder") if m != "mqt"]  # mqt has no AnyRes variant (test_mqt.py)
 SIZES = [(60, 80), (112, 50), (56, 56)]  # landscape 2×2 crops, portrait 2×1, square 1×2 after pinpoint choice
 
 
@@ -128,3 +128,21 @@ def test_next_generate_and_restore(next_model, next_batch):
         assert torch.equal(model(**next_batch).logits, ref)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+
+
+@pytest.mark.parametrize("method", ["fastv", "mustdrop_llm", "h2o"])
+def test_in_llm_methods_on_anyres_prompts(tokenizer, next_processor, next_images, next_batch, method):
+    """Identity at full budget and batch = single with AnyRes prompts (newlines are visual tokens in the plan)."""
+    from vlm_compress.testing import LlavaDims
+
+    model = build_llava_next(tokenizer, LlavaDims(text_layers=4))
+    with torch.no_grad():
+        ref = model(**next_batch).logits
+        compress(model, budget=1.0, method=method)
+        assert torch.equal(model(**next_batch).logits, ref)
+        restore(model)
+        compress(model, budget=0.75, method=method)
+        out = model(**next_batch).logits[:, -1]
+        for i, image in enumerate(next_images):
+            one = next_processor(images=[image], text=[PROMPTS[i]], return_tensors="pt")
+            torch.testing.assert_close(model(**one).logits[0, -1], out[i], rtol=1e-4, atol=1e-4)

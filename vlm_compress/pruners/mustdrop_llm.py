@@ -68,6 +68,7 @@ class MustDropLLMPruner(PrefillPruner):
     shrink_cache: bool = dataclasses.field(default=True, metadata={"help": "Stage 3: caches hold the final set."})
 
     def __post_init__(self) -> None:
+        self.layers_of_32 = tuple(self.layers_of_32)  # a JSON round trip gives a list
         if self.mode not in MODES:
             raise ValueError(f"mustdrop_llm mode must be one of {MODES}, got {self.mode!r}")
 
