@@ -15,6 +15,7 @@ import torch
 
 from ..config import MethodConfig
 from ..pruners.llm_base import PrefillContext, RowAttention
+from .prefill import pack
 
 
 def keep_slots(stage: Any, cache: Any, layer: int, keep: torch.Tensor) -> None:
@@ -23,10 +24,7 @@ def keep_slots(stage: Any, cache: Any, layer: int, keep: torch.Tensor) -> None:
     Samples keeping fewer slots than the batch maximum are padded with dropped slots re-marked as padding (-1).
     """
     slots = stage.slots
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    width = int(keep.sum(dim=1).max())
-    index = order[:, :width]
-    real = torch.arange(width, device=keep.device)[None, :] < keep.sum(dim=1, keepdim=True)
+    index, real = pack(keep, dummy=0)  # padding entries re-use slot 0, re-marked as padding below
     slots.positions[layer] = torch.where(real, torch.gather(slots.positions[layer], 1, index), -1)
     entry = cache.layers[layer]
     gather = index[:, None, :, None].expand(-1, entry.keys.shape[1], -1, entry.keys.shape[-1])
