@@ -69,6 +69,9 @@ class PrefillPruner(MethodConfig):
     def check(self, num_layers: int) -> None:
         """Raise a ``ValueError`` naming the fix if the method cannot run on an LLM of ``num_layers`` layers."""
 
+    def check_text_config(self, text_config: Any) -> None:
+        """Raise a ``ValueError`` if trained parts of the method (e.g. routers) do not fit this LLM."""
+
     def scoring_layers(self, num_layers: int) -> tuple[int, ...]:
         """Layers after which :meth:`after_layer` is called (with that layer's row attention available)."""
         return ()
@@ -78,6 +81,11 @@ class PrefillPruner(MethodConfig):
 
     def layer_tokens(self, layer: int, ctx: PrefillContext, hidden: torch.Tensor) -> torch.Tensor | None:
         """[B, S] bool: the tokens layer ``layer`` processes; ``None`` means ``ctx.alive``."""
+        return None
+
+    def token_scales(self, layer: int, ctx: PrefillContext) -> torch.Tensor | None:
+        """[B, S] per-token weights for layer ``layer`` (p-MoD's STRing), asked right after :meth:`layer_tokens`:
+        the MLP output of processed tokens and the hidden state of skipped ones are multiplied by them."""
         return None
 
     def after_layer(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:

@@ -107,6 +107,7 @@ class PrefillStage:
         self.attn_implementation = attn
         if config is not None:
             config.check(len(self.layers))
+            config.check_text_config(adapter.text_config)
         self.scoring = set(config.scoring_layers(len(self.layers))) if config is not None else set()
         self.ctx: PrefillContext | None = None
         self.slots: LayerSlots | None = None
@@ -213,10 +214,11 @@ class PrefillStage:
         b, s, _ = hidden.shape
         active = self.config.layer_tokens(i, ctx, hidden) if self.config is not None else None
         active = (ctx.alive if active is None else active) | ~ctx.visual
+        scales = self.config.token_scales(i, ctx) if self.config is not None else None
         positions = torch.arange(s, device=hidden.device).expand(b, s)
         cos, sin = kwargs["position_embeddings"]
         if bool(active.all()):
-            out = original(hidden, **kwargs)
+            out = self._call(i, original, hidden, kwargs, scales)
             slots.positions[i] = positions
             layer_hidden, layer_positions, layer_cos, layer_sin = hidden, positions, cos.expand(b, -1, -1), sin.expand(b, -1, -1)
         else:
@@ -233,10 +235,13 @@ class PrefillStage:
                 call["position_ids"] = _gather_rows(_with_dummy(call["position_ids"].expand(b, -1)[..., None]), index)[..., 0]
             # padding rows (-1) see only padding slots: finite outputs, which the scatter then discards
             call["attention_mask"] = self._mask(slots.allowed(i, layer_positions), hidden.dtype)
-            layer_out = original(layer_hidden, **call)
+            layer_scales = _gather_rows(_with_dummy(scales[..., None]), index)[..., 0] if scales is not None else None
+            layer_out = self._call(i, original, layer_hidden, call, layer_scales)
             out = _with_dummy(hidden.clone())
             out.scatter_(1, index[..., None].expand_as(layer_out), layer_out)
             out = out[:, :s]
+            if scales is not None:  # STRing: a skipped token's hidden state is scaled by its weight
+                out = torch.where(active[..., None], out, hidden * scales[..., None].to(hidden.dtype))
         counted = active & ctx.valid
         self.record.tokens.append(counted.sum(dim=1))
         self.record.visual.append((counted & ctx.visual).sum(dim=1))
@@ -250,6 +255,18 @@ class PrefillStage:
                 ctx.alive = ctx.alive | ~ctx.visual | (ctx.protected & ctx.visual)
             self.record.select_s += time.perf_counter() - started
         return out
+
+    def _call(self, i: int, original: Callable[..., Any], hidden: torch.Tensor, kwargs: dict,
+              scales: torch.Tensor | None) -> Any:
+        """The original layer; with ``scales`` [B, n] its MLP output is multiplied by them (p-MoD's STRing)."""
+        if scales is None:
+            return original(hidden, **kwargs)
+        weights = scales[..., None].to(hidden.dtype)
+        hook = self.layers[i].mlp.register_forward_hook(lambda module, args, output: output * weights)
+        try:
+            return original(hidden, **kwargs)
+        finally:
+            hook.remove()
 
     def _row_attention_fn(
         self, i: int, hidden: torch.Tensor, layer_hidden: torch.Tensor, layer_positions: torch.Tensor,
