@@ -88,6 +88,11 @@ class PrefillPruner(MethodConfig):
         the MLP output of processed tokens and the hidden state of skipped ones are multiplied by them."""
         return None
 
+    def key_bias(self, layer: int, ctx: PrefillContext) -> torch.Tensor | None:
+        """[B, S] additive attention bias on each key in layer ``layer`` (log of a soft keep mask, for training
+        methods with differentiable pruning such as ATP); ``None``: plain masks."""
+        return None
+
     def after_layer(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
         """Update ``ctx.alive`` (and anything else) after scoring layer ``layer`` ran."""
 

@@ -200,14 +200,13 @@ class PrefillStage:
 
         return forward
 
-    def _mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[B, Q, K] bool → the 4-D mask the attention implementation takes."""
+    def _mask(self, allowed: torch.Tensor, dtype: torch.dtype, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, Q, K] bool (and an optional [B, K] additive bias per key) → the 4-D mask the attention takes."""
         allowed = allowed[:, None]
-        if self.attn_implementation == "sdpa":
+        if self.attn_implementation == "sdpa" and key_bias is None:
             return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
+        bias = torch.zeros((), dtype=dtype, device=allowed.device) if key_bias is None else key_bias[:, None, None, :].to(dtype)
+        return torch.where(allowed, bias, torch.finfo(dtype).min)
 
     def _prefill_layer(self, i: int, original: Callable[..., Any], hidden: torch.Tensor, kwargs: dict) -> Any:
         ctx, slots = self.ctx, self.slots
@@ -215,9 +214,10 @@ class PrefillStage:
         active = self.config.layer_tokens(i, ctx, hidden) if self.config is not None else None
         active = (ctx.alive if active is None else active) | ~ctx.visual
         scales = self.config.token_scales(i, ctx) if self.config is not None else None
+        bias = self.config.key_bias(i, ctx) if self.config is not None else None
         positions = torch.arange(s, device=hidden.device).expand(b, s)
         cos, sin = kwargs["position_embeddings"]
-        if bool(active.all()):
+        if bool(active.all()) and bias is None:
             out = self._call(i, original, hidden, kwargs, scales)
             slots.positions[i] = positions
             layer_hidden, layer_positions, layer_cos, layer_sin = hidden, positions, cos.expand(b, -1, -1), sin.expand(b, -1, -1)
@@ -234,7 +234,8 @@ class PrefillStage:
             if call.get("position_ids") is not None:
                 call["position_ids"] = _gather_rows(_with_dummy(call["position_ids"].expand(b, -1)[..., None]), index)[..., 0]
             # padding rows (-1) see only padding slots: finite outputs, which the scatter then discards
-            call["attention_mask"] = self._mask(slots.allowed(i, layer_positions), hidden.dtype)
+            key_bias = _gather_rows(_with_dummy(bias[..., None]), index)[..., 0] if bias is not None else None
+            call["attention_mask"] = self._mask(slots.allowed(i, layer_positions), hidden.dtype, key_bias)
             layer_scales = _gather_rows(_with_dummy(scales[..., None]), index)[..., 0] if scales is not None else None
             layer_out = self._call(i, original, layer_hidden, call, layer_scales)
             out = _with_dummy(hidden.clone())

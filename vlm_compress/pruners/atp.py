@@ -1,0 +1,232 @@
+"""``atp``: ATP-LLaVA's instance- and layer-wise adaptive pruning with Spatial Augmented Pruning (Ye et al.,
+CVPR 2025, arXiv 2412.00447; reference pruning-methods §4). Not the official method: no code or weights exist.
+
+After each ATP layer, every alive visual token gets two scores from that layer's attention (computed from q/k,
+head mean, post-softmax):
+
+* redundancy: ``S_red = (S_self + S_cross)/2``, with ``S_cross`` the mean attention the text after the image gives
+  the token and ``S_self`` the mean attention the visual tokens give it;
+* spatial: ``S_spat``, a coarse-to-fine lattice order of the image grid (1 for the coarsest cell, falling towards 0
+  for the finest), so ``S_spat > θ_s`` keeps a uniform spatial sample whose density grows as ``θ_s`` falls.
+
+A token survives iff ``S_red > θ_r`` or ``S_spat > θ_s`` (SAP's OR of the two criteria). Thresholds:
+
+* learned (``heads=PATH``, default the embedded ones): ``(θ_r, θ_s) = sigmoid(MLP([mean S_self, mean S_cross, β]))``
+  per sample and ATP layer, so the number kept adapts to the instance; the budget ``β`` is met on average over the
+  data the heads were trained on (``python -m vlm_compress.bench.train_atp``), not per prompt;
+* training-free (``heads=None``): per sample and stage, ``θ_s`` keeps ``spatial_share`` of the stage's target
+  count by the lattice order and ``θ_r`` the rest by ``S_red``; the target counts meet the layer-averaged budget
+  as MustDrop's budget mode does (each stage keeps the same share of the previous one's tokens).
+
+Our guesses, since the paper text and code were not available to us:
+
+1. ATP layers: ``(2, 8, 16)`` of 32 scaled to the depth (``round(l·L/32)``, at most ``L − 2``).
+2. Scores are post-softmax probabilities for both terms (the reimplementation uses logits for ``S_self``; head
+   means of logits rank badly on our models, see ``eval/results/investigate_encoder_scores.md``). ``S_self`` is
+   divided by the number of visual queries that can see each key (causal masking would favour early tokens), and
+   both scores are divided by their maximum over the sample's alive visual tokens, so thresholds live in [0, 1].
+3. The spatial order: cells whose row and column are both multiples of a larger power of two come first; ties in
+   raster order. Non-square images (AnyRes with newlines) use the 1-D index.
+4. The threshold MLP takes the budget as a third input (one head for every budget); 3 → 16 → 2, GELU.
+5. Training (``soft=True``): the masks are ``max(σ((S_red − θ_r)·T), σ((S_spat − θ_s)·T))`` with ``T = 10`` (the
+   reimplementation's value), multiplied over ATP layers and applied as a log-bias on the attention to each
+   visual key in the later layers; nothing is dropped. The budget loss is ``(layer-averaged soft share − β)²``
+   over the batch (the paper's "budget-constrained loss"; its exact form is unknown to us).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+
+import torch
+
+from ..modules.atp import ThresholdHeads
+from ..registry import register_method
+from .fastv import top_visual
+from .llm_base import PrefillContext, PrefillPruner, RowAttention
+from .mustdrop_llm import stage_keep_share
+
+EMBEDDED_HEADS = Path(__file__).resolve().parents[1] / "assets" / "tiny-llava-atp"
+
+
+@functools.lru_cache(maxsize=4)
+def load_heads(path: str) -> ThresholdHeads:
+    """The heads at ``path``, loaded once per process (training updates this very module)."""
+    return ThresholdHeads.load(path)
+
+
+def lattice_order(n: int) -> torch.Tensor:
+    """[n] spatial score in (0, 1] of each token of an image of ``n`` tokens in raster order: coarse lattice first.
+
+    A square grid ranks cell (r, c) by the largest power of two dividing both r and c (0 counts as divisible by
+    all), then by raster index; other sizes rank the 1-D index the same way. Score = 1 − rank/n.
+    """
+    g = math.isqrt(n)
+    index = torch.arange(n)
+    rows, cols = (index // g, index % g) if g * g == n else (torch.zeros_like(index), index)
+
+    def twos(x: torch.Tensor) -> torch.Tensor:  # trailing zero bits, 0 → 31
+        return torch.where(x == 0, 31, (x & -x).float().log2().round().long())
+
+    level = torch.minimum(twos(rows), twos(cols))
+    order = sorted(range(n), key=lambda i: (-int(level[i]), i))
+    rank = torch.empty(n)
+    rank[torch.tensor(order)] = torch.arange(n, dtype=torch.float32)
+    return 1.0 - rank / n
+
+
+def spatial_scores(visual: torch.Tensor) -> torch.Tensor:
+    """[B, S] :func:`lattice_order` of every contiguous run of visual tokens (one run per image), 0 elsewhere."""
+    out = torch.zeros(visual.shape, dtype=torch.float32)
+    for b, row in enumerate(visual.cpu().tolist()):
+        start = None
+        for j, v in enumerate(row + [False]):
+            if v and start is None:
+                start = j
+            elif not v and start is not None:
+                out[b, start:j] = lattice_order(j - start)
+                start = None
+    return out.to(visual.device)
+
+
+def _normalised(score: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    score = score.masked_fill(~where, 0.0)
+    return score / score.amax(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+@register_method("atp")
+@dataclasses.dataclass
+class ATPPruner(PrefillPruner):
+    """ATP: learned (or solved) per-instance thresholds on redundancy and spatial scores at a few LLM layers."""
+
+    heads: str | None = dataclasses.field(
+        default=str(EMBEDDED_HEADS),
+        metadata={"help": "Directory of trained threshold heads; None: the training-free threshold variant."},
+    )
+    layers_of_32: tuple[int, ...] = dataclasses.field(
+        default=(2, 8, 16), metadata={"help": "ATP layers of a 32-layer LLM, scaled to the depth (our guess)."}
+    )
+    spatial_share: float = dataclasses.field(
+        default=0.25, metadata={"help": "Training-free: share of each stage's kept tokens sampled spatially (guess)."}
+    )
+    temperature: float = dataclasses.field(default=10.0, metadata={"help": "Soft-mask temperature T (reimplementation)."})
+    soft: bool = dataclasses.field(default=False, metadata={"help": "Training: soft masks as attention bias, no drops."})
+
+    def __post_init__(self) -> None:
+        self.layers_of_32 = tuple(self.layers_of_32)
+        if not 0.0 <= self.spatial_share <= 1.0:
+            raise ValueError(f"atp spatial_share must be in [0, 1], got {self.spatial_share}")
+
+    def module(self) -> ThresholdHeads:
+        try:
+            return load_heads(str(self.heads))
+        except ValueError as err:
+            raise ValueError(f"{err}; pass heads=PATH, heads=None for the training-free variant, or train the "
+                             "embedded ones with python -m vlm_compress.bench.train_atp") from None
+
+    def scoring_layers(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(sorted({min(num_layers - 2, round(l * num_layers / 32)) for l in self.layers_of_32}))
+
+    def check(self, num_layers: int) -> None:
+        if num_layers < 2:
+            raise ValueError("atp needs an LLM of at least 2 layers")
+        layers = self.scoring_layers(num_layers)
+        first = layers[0] + 1
+        if isinstance(self.budget, float) and self.budget < first / num_layers:
+            raise ValueError(
+                f"budget {self.budget} is below what atp can reach on a {num_layers}-layer LLM (minimum "
+                f"{first / num_layers:.3f}: layers up to the first ATP layer see every token); raise the budget"
+            )
+        if self.heads is not None:
+            missing = sorted(set(layers) - set(self.module().layers))
+            if missing:
+                raise ValueError(f"the heads at {self.heads} cover layers {self.module().layers}; this LLM's ATP "
+                                 f"layers are {list(layers)}: pass heads trained for it, or heads=None")
+
+    def _share(self, ctx: PrefillContext) -> torch.Tensor:
+        """[B] the budget as a share of each sample's visual tokens."""
+        visual = ctx.visual_alive.double()
+        if isinstance(self.budget, float):
+            return torch.full_like(visual, self.budget)
+        return (self.budget * ctx.images.double() / visual.clamp(min=1)).clamp(max=1.0)
+
+    def start(self, ctx: PrefillContext) -> None:
+        ctx.extras["atp_spatial"] = spatial_scores(ctx.visual)
+        ctx.extras["atp_share"] = self._share(ctx)
+        ctx.extras["atp_stage"] = 0
+        if self.soft:
+            ctx.extras["atp_soft"] = torch.ones(ctx.visual.shape, device=ctx.visual.device)
+            ctx.extras["atp_soft_after"] = {}
+        if self.heads is None:
+            first_drop = [layer + 1 for layer in self.scoring_layers(ctx.num_layers)]
+            visual = ctx.visual_alive.tolist()
+            counts = []
+            for n, share in zip(visual, ctx.extras["atp_share"].tolist()):
+                rho = stage_keep_share(share, first_drop, ctx.num_layers)
+                counts.append([int(n * rho ** (i + 1) + 0.5) for i in range(len(first_drop))])
+            ctx.extras["atp_counts"] = torch.tensor(counts, device=ctx.visual.device).reshape(len(counts), -1)
+
+    def scores(self, ctx: PrefillContext, attention: RowAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S_self, S_cross), each [B, S] in [0, 1] over the alive visual tokens (0 elsewhere)."""
+        alive = ctx.alive & ctx.visual
+        text = ctx.text_after_image
+        cross = attention(text).sum(dim=1) / text.sum(dim=1, keepdim=True).clamp(min=1)
+        seen_by = torch.flip(torch.cumsum(torch.flip(alive.long(), [1]), dim=1), [1])  # alive visual rows at ≥ j
+        self_ = attention(alive).sum(dim=1) / seen_by.clamp(min=1)
+        return _normalised(self_.detach(), alive), _normalised(cross.detach(), alive)
+
+    def thresholds(self, layer: int, ctx: PrefillContext, s_self: torch.Tensor, s_cross: torch.Tensor) -> torch.Tensor:
+        """[B, 2] (θ_r, θ_s) from the learned head of ``layer``."""
+        alive = (ctx.alive & ctx.visual).float()
+        count = alive.sum(dim=1).clamp(min=1)
+        stats = torch.stack([(s_self * alive).sum(1) / count, (s_cross * alive).sum(1) / count,
+                             ctx.extras["atp_share"].to(alive)], dim=1)
+        return self.module().to(stats.device)(layer, stats).float()
+
+    def after_layer(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
+        s_self, s_cross = self.scores(ctx, attention)
+        redundancy, spatial = (s_self + s_cross) / 2, ctx.extras["atp_spatial"]
+        alive = ctx.alive & ctx.visual
+        stage = ctx.extras["atp_stage"]
+        ctx.extras["atp_stage"] = stage + 1
+        if self.heads is None:
+            keep = self._solved_keep(ctx, alive, redundancy, spatial, ctx.extras["atp_counts"][:, stage])
+        else:
+            theta = self.thresholds(layer, ctx, s_self, s_cross)
+            if self.soft:
+                t = self.temperature
+                mask = torch.maximum(torch.sigmoid((redundancy - theta[:, :1]) * t),
+                                     torch.sigmoid((spatial - theta[:, 1:]) * t))
+                ctx.extras["atp_soft"] = ctx.extras["atp_soft"] * torch.where(ctx.visual, mask, 1.0)
+                ctx.extras["atp_soft_after"][layer] = ctx.extras["atp_soft"]
+                return
+            keep = alive & ((redundancy > theta[:, :1]) | (spatial > theta[:, 1:]))
+        ctx.alive = (ctx.alive & ~ctx.visual) | keep | (alive & ctx.protected)
+
+    def _solved_keep(self, ctx: PrefillContext, alive: torch.Tensor, redundancy: torch.Tensor,
+                     spatial: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        candidates = alive & ~ctx.protected
+        target = (target - (alive & ctx.protected).sum(dim=1)).clamp(min=0)
+        by_space = top_visual(spatial, candidates, torch.floor(target * self.spatial_share + 0.5).long())
+        rest = target - by_space.sum(dim=1)
+        return by_space | top_visual(redundancy, candidates & ~by_space, rest)
+
+    def key_bias(self, layer: int, ctx: PrefillContext) -> torch.Tensor | None:
+        if not self.soft or not ctx.extras.get("atp_soft_after"):
+            return None
+        return torch.log(ctx.extras["atp_soft"].clamp(min=1e-6))
+
+    def soft_layer_average(self, ctx: PrefillContext) -> torch.Tensor:
+        """[B] training: the layer-averaged soft share of visual tokens (1 before the first ATP layer)."""
+        visual = (ctx.visual & ctx.valid).float()
+        count = visual.sum(dim=1).clamp(min=1)
+        after = ctx.extras["atp_soft_after"]
+        total, current = 0.0, torch.ones(visual.shape[0], device=visual.device)
+        for layer in range(ctx.num_layers):
+            total = total + current
+            if layer in after:
+                current = (after[layer] * visual).sum(dim=1) / count
+        return total / ctx.num_layers
