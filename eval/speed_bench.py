@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm_compress import compress, list_methods, restore  # noqa: E402
-from vlm_compress.bench.run import parse_method  # noqa: E402
+from vlm_compress.bench.run import method_arg  # noqa: E402
 from vlm_compress.bench.timing import PeakMemory, decode_ms_per_token, machine_description, timed  # noqa: E402
 from vlm_compress.stats import prefill_flops, vision_flops  # noqa: E402
 from vlm_compress.testing import (  # noqa: E402
@@ -86,10 +86,18 @@ def main() -> None:
             model.model.get_image_features(pixel_values=inputs["pixel_values"], **image_kwargs)
 
     prompt_len = int(inputs["attention_mask"].sum())
+    untrained = untrained_routers(cfg.text_config)
+
+    def parse(spec):
+        method, options = method_arg(spec)
+        if method == "pmod":  # speed does not depend on the routing's quality: zero routers of this model's size
+            options.setdefault("routers", untrained)
+        return method, options
+
     configs = [("none", 1.0)]
     for spec in args.methods:
         for budget in args.budgets:
-            name, options = parse_method(spec)
+            name, options = parse(spec)
             try:
                 restore(compress(model, budget=budget, method=name, **options))
                 configs.append((spec, budget))
@@ -98,7 +106,7 @@ def main() -> None:
 
     def apply(method, budget):
         if method != "none":
-            name, options = parse_method(method)
+            name, options = parse(method)
             compress(model, budget=budget, method=name, **options)
 
     def remove(method):
@@ -183,6 +191,17 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
     (RESULTS / f"{stem}.md").write_text(to_markdown(rows, machine, command))
     print(to_markdown(rows, machine, command))
+
+
+def untrained_routers(text_config) -> str:
+    """A directory of zero-initialised p-MoD routers for every layer of this LLM (for timing ``pmod``)."""
+    import tempfile
+
+    from vlm_compress.modules.pmod import TokenRouters
+
+    path = Path(tempfile.mkdtemp(prefix="pmod-routers-"))
+    TokenRouters(text_config.hidden_size, list(range(text_config.num_hidden_layers))).save(path)
+    return str(path)
 
 
 def to_markdown(rows, machine, command) -> str:

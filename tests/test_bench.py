@@ -125,3 +125,17 @@ def test_method_specs_with_options():
     assert parse_method("visionzip:contextual_ratio=0.25") == ("visionzip", {"contextual_ratio": 0.25})
     with pytest.raises(ValueError, match="key=value"):
         parse_method("cls_attn:layer")
+
+
+def test_stacked_method_specs_build_one_config_per_stage(model, batch):
+    from vlm_compress import compress
+    from vlm_compress.bench.run import method_arg
+    from vlm_compress.pruners.mustdrop import MustDropPruner
+    from vlm_compress.pruners.mustdrop_llm import MustDropLLMPruner
+
+    assert method_arg("fastv:layer=1") == ("fastv", {"layer": 1})
+    stack, options = method_arg("mustdrop+mustdrop_llm:mode=official")
+    assert options == {} and [type(c) for c in stack] == [MustDropPruner, MustDropLLMPruner]
+    assert stack[1].mode == "official" and all(c.budget is None for c in stack)
+    compress(model, budget=0.5, method=stack)
+    assert [c.budget for c in model.compression.configs] == [0.5, 0.5]

@@ -23,6 +23,8 @@ import torch
 
 from .. import compress, list_methods, restore
 from ..adapters import get_adapter
+from ..modules.pmod import is_pmod_checkpoint, load_pmod_model, pmod_base
+from ..pruners.pmod import EMBEDDED_ROUTERS
 from ..stats import prompt_costs
 from .data import ASSETS, EMBEDDED_MODELS, Item, answer_prior, jsonl_items, shapes_items, task_for
 from .timing import PeakMemory, decode_ms_per_token, machine_description, timed
@@ -30,7 +32,7 @@ from .timing import PeakMemory, decode_ms_per_token, machine_description, timed
 BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
 # every encoder method, then the in-LLM and decode ones; FastV also at K=1, which the 4-layer embedded LLMs need
 # to reach budgets below 0.5 (budgets a method cannot reach are skipped, with the reason, in the JSON)
-IN_LLM_METHODS = ("fastv", "fastv:layer=1", "mustdrop_llm", "h2o")
+IN_LLM_METHODS = ("fastv", "fastv:layer=1", "mustdrop_llm", "atp", "atp:heads=None", "h2o")
 DEFAULT_METHODS = [*list_methods("encoder"), *IN_LLM_METHODS]
 RESULTS = Path.cwd() / "eval" / "results"
 
@@ -57,8 +59,12 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
     """A local image-text-to-text checkpoint (LLaVA, LLaVA-NeXT, …) and its processor, padding on the left."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    if is_pmod_checkpoint(path):  # routers + decoder deltas over a base checkpoint
+        model = load_pmod_model(path, dtype=dtype).to(device)
+        processor = AutoProcessor.from_pretrained(pmod_base(path))
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+        processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
@@ -78,6 +84,20 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         except (ValueError, SyntaxError):
             kwargs[key.strip()] = value.strip()
     return name, kwargs
+
+
+def method_arg(spec: str) -> tuple[str | list, dict[str, Any]]:
+    """``compress``'s ``method`` and keyword options for a bench spec; ``"a+b:opt=1"`` stacks stages, each part
+    with its own options (``"mustdrop+mustdrop_llm"`` is MustDrop's three stages)."""
+    if "+" not in spec:
+        return parse_method(spec)
+    from .. import get_method
+
+    stack = []
+    for part in spec.split("+"):
+        name, options = parse_method(part)
+        stack.append(get_method(name).create(**options))
+    return stack, {}
 
 
 def normalise(text: str) -> str:
@@ -161,12 +181,16 @@ def run(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
         prior_note = "most frequent training answer per question type"
     runner = Runner(model, processor, items, args.prompt, args.batch_size, args.max_new_tokens)
 
+    methods = list(args.methods)
+    if is_pmod_checkpoint(model_path):  # its own routers, first
+        own = "pmod" if Path(model_path).resolve() == EMBEDDED_ROUTERS.resolve() else f"pmod:routers={str(model_path)!r}"
+        methods = [own, *(m for m in methods if m.split(":")[0] != "pmod")]
     configs, skipped = [("none", 1.0)], {}
-    for spec in args.methods:
+    for spec in methods:
         for budget in args.budgets:
-            name, options = parse_method(spec)
+            method, options = method_arg(spec)
             try:  # e.g. AnyRes-only methods on LLaVA-1.5, weights trained for another model, FastV below K/L
-                restore(compress(model, budget=budget, method=name, **options))
+                restore(compress(model, budget=budget, method=method, **options))
                 configs.append((spec, budget))
             except ValueError as err:
                 skipped.setdefault(spec, {"reason": str(err), "budgets": []})["budgets"].append(budget)
@@ -177,8 +201,8 @@ def run(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
     reference: list[str] = []
     for method, budget in configs:
         if method != "none":
-            name, options = parse_method(method)
-            compress(model, budget=budget, method=name, **options)
+            stack, options = method_arg(method)
+            compress(model, budget=budget, method=stack, **options)
         try:
             answers, totals = runner.answers()
             prefill_ms, decode_ms, peak = runner.speed(args.repeats)
@@ -332,12 +356,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.samples, args.budgets, args.repeats = args.samples or 40, [1.0, 0.22], 2
         args.methods = [m for m in ("random", "pool") if m in args.methods] or args.methods[:2]
-    unknown = sorted({parse_method(m)[0] for m in args.methods} - set(list_methods()))
+    unknown = sorted({parse_method(part)[0] for m in args.methods for part in m.split("+")} - set(list_methods()))
     if unknown:
         parser.error(f"unknown methods {unknown}; available: {list_methods()}")
     paths = [Path(p) for p in args.model] if args.model else [ASSETS / m for m in EMBEDDED_MODELS if (ASSETS / m).exists()]
     for path in paths:
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() and not is_pmod_checkpoint(path):
             parser.error(f"no model at {path}: pass --model PATH (a local LLaVA checkpoint directory)")
     if args.out and len(paths) > 1:
         parser.error("--out names one output stem; pass one --model with it")

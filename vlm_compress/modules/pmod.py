@@ -121,6 +121,19 @@ def save_deltas(model: nn.Module, base: nn.Module, path: str | Path) -> int:
     return file.stat().st_size
 
 
+def is_pmod_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds p-MoD routers with decoder deltas (a fine-tuned model, not routers alone)."""
+    return (Path(path) / CONFIG).exists() and (Path(path) / DELTAS).exists()
+
+
+def pmod_base(path: str | Path) -> Path:
+    """The base checkpoint a p-MoD checkpoint's deltas apply to (``base`` in its config, relative to ``path``)."""
+    meta = TokenRouters._read_config(Path(path))
+    if "base" not in meta:
+        raise ValueError(f"{Path(path) / CONFIG} names no base model; pass base=PATH")
+    return (Path(path) / meta["base"]).resolve()
+
+
 def load_pmod_model(path: str | Path, base: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """A p-MoD fine-tuned LLaVA model: the base checkpoint (``base``, else the one named in ``pmod_config.json``,
     relative to ``path``) with the stored decoder-layer deltas added. Route it with ``method="pmod"`` and
@@ -129,11 +142,7 @@ def load_pmod_model(path: str | Path, base: str | Path | None = None, dtype: tor
     from transformers import AutoModelForImageTextToText
 
     path = Path(path)
-    meta = TokenRouters._read_config(path)
-    if base is None:
-        if "base" not in meta:
-            raise ValueError(f"{path / CONFIG} names no base model; pass base=PATH")
-        base = (path / meta["base"]).resolve()
+    base = pmod_base(path) if base is None else base
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
     params = dict(model.named_parameters())
     with torch.no_grad():
