@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm_compress import compress, list_methods, restore  # noqa: E402
 from vlm_compress.bench.run import method_arg  # noqa: E402
 from vlm_compress.bench.timing import PeakMemory, decode_ms_per_token, machine_description, timed  # noqa: E402
-from vlm_compress.stats import prefill_flops, vision_flops  # noqa: E402
+from vlm_compress.stats import decode_flops, prefill_flops, vision_flops  # noqa: E402
 from vlm_compress.testing import (  # noqa: E402
     BENCH_DIMS, LLAVA_7B_DIMS, build_llava, build_llava_next, build_next_processor, build_processor, build_tokenizer,
     random_images,
@@ -120,14 +120,19 @@ def main() -> None:
         prefill()
         with PeakMemory(device) as mem:
             prefill()
-        full_llm = prefill_flops([[prompt_len] * cfg.text_config.num_hidden_layers], cfg.text_config)
+        layers = cfg.text_config.num_hidden_layers
+        full_llm = prefill_flops([[prompt_len] * layers], cfg.text_config)
+        growth = layers * n / 2  # the cache grows by one entry per layer and step: its mean over the timed steps
         if method == "none":
             info[(method, budget)] = dict(visual_tokens=grid_tokens, llm_tokens=prompt_len, peak=mem.peak,
-                                          layer_avg=grid_tokens, flops_llm=full_llm)
+                                          layer_avg=grid_tokens, flops_llm=full_llm,
+                                          flops_decode=decode_flops(layers * prompt_len + growth, cfg.text_config))
         else:
             s = model.compression.stats  # in-LLM methods: FLOPs over their per-layer token counts
+            entries = s.kv_cache_bytes / (2 * kv_entry_bytes(cfg.text_config, dtype))  # what decoding starts from
             info[(method, budget)] = dict(visual_tokens=s.visual_tokens_kept, llm_tokens=s.prompt_tokens_llm, peak=mem.peak,
-                                          layer_avg=s.layer_avg_visual_tokens, flops_llm=s.prefill_flops)
+                                          layer_avg=s.layer_avg_visual_tokens, flops_llm=s.prefill_flops,
+                                          flops_decode=decode_flops(entries + growth, cfg.text_config))
         remove(method)
     references = sorted({v["llm_tokens"] for v in info.values()})
     ref_ids = {n: torch.randint(10, len(tokenizer) - 1, (1, n), device=device) for n in references}
@@ -166,10 +171,10 @@ def main() -> None:
                 method=method, budget=budget, visual_tokens=meta["visual_tokens"], llm_tokens=llm_tokens,
                 layer_avg_visual_tokens=meta["layer_avg"],
                 prefill_ms=med(entry["prefill"]), decode_ms_per_token=med(entry["decode"]),
-                vision_ms=med(entry["vision"]) if entry["vision"] else vision_ms,
+                vision_ms=med(entry["vision"]) if entry["vision"] and med(entry["vision"]) > 0 else vision_ms,  # in-LLM: stock tower
                 select_ms=med(entry["select"]) if entry["select"] else 0.0,
                 flops_vision=tower_images * vision_flops(cfg.vision_config, tower_tokens),
-                flops_llm=meta["flops_llm"],
+                flops_llm=meta["flops_llm"], flops_decode=meta["flops_decode"],
                 peak_mem_mb=meta["peak"] / 2**20, reference_ms=vision_ms + med(ref_samples[llm_tokens]),
             )
         )
@@ -180,6 +185,8 @@ def main() -> None:
         r["flops_ideal_speedup"] = (base["flops_vision"] + base["flops_llm"]) / (r["flops_vision"] + r["flops_llm"])
         r["ratio_to_ideal"] = r["prefill_speedup"] / r["flops_ideal_speedup"]
         r["decode_speedup"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
+        r["decode_flops_ideal_speedup"] = base["flops_decode"] / r["flops_decode"]
+        r["decode_ratio_to_ideal"] = r["decode_speedup"] / r["decode_flops_ideal_speedup"]
         r["select_overhead_pct"] = 100 * r["select_ms"] / r["prefill_ms"]
         r["vs_reference"] = r["prefill_ms"] / r["reference_ms"]
 
@@ -191,6 +198,13 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
     (RESULTS / f"{stem}.md").write_text(to_markdown(rows, machine, command))
     print(to_markdown(rows, machine, command))
+
+
+def kv_entry_bytes(text_config, dtype) -> int:
+    """Bytes of one cached K (or V) entry of one token in one layer."""
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
 def untrained_routers(text_config) -> str:
@@ -216,14 +230,17 @@ def to_markdown(rows, machine, command) -> str:
         "`ratio` = measured prefill speed-up / FLOPs-ideal speed-up (in-LLM methods: FLOPs over their per-layer token "
         "counts; `LLM tok` is then the prompt entering layer 0). `vs ref` = our prefill / (stock vision tower + "
         "stock LLM on a text-only prompt of the same length): the cost of our machinery (1.00 = none).\n\n"
+        "Decode: `FLOPs-ideal` from the KV entries a step reads (what the prompt left, after any eviction, plus half "
+        "the timed steps; `vlm_compress.stats.decode_flops`: projections, MLP and LM head are fixed, attention shrinks).\n\n"
         "| method | budget | visual tok | layer-avg tok | LLM tok | prefill ms | speed-up | FLOPs-ideal | ratio | vs ref | "
-        "decode ms/tok | decode speed-up | vision ms | select ms | select % | peak MB |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "decode ms/tok | decode speed-up | decode FLOPs-ideal | decode ratio | vision ms | select ms | select % | peak MB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['method']} | {r['budget']} | {r['visual_tokens']} | {r['layer_avg_visual_tokens']:.1f} | {r['llm_tokens']} | {r['prefill_ms']:.1f} | "
         f"{r['prefill_speedup']:.2f}× | {r['flops_ideal_speedup']:.2f}× | {r['ratio_to_ideal']:.2f} | {r['vs_reference']:.2f} | "
-        f"{r['decode_ms_per_token']:.1f} | {r['decode_speedup']:.2f}× | {r['vision_ms']:.1f} | {r['select_ms']:.2f} | "
+        f"{r['decode_ms_per_token']:.1f} | {r['decode_speedup']:.2f}× | {r['decode_flops_ideal_speedup']:.2f}× | "
+        f"{r['decode_ratio_to_ideal']:.2f} | {r['vision_ms']:.1f} | {r['select_ms']:.2f} | "
         f"{r['select_overhead_pct']:.1f} | {r['peak_mem_mb']:.0f} |"
         for r in rows
     ]

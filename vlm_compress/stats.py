@@ -78,6 +78,17 @@ def prefill_flops(tokens_per_layer: Sequence[Sequence[int]], text_config: Any) -
     return sum(layer_flops(n, text_config) for sample in tokens_per_layer for n in sample)
 
 
+def decode_flops(cached_tokens: float, text_config: Any) -> float:
+    """FLOPs of one decode step with ``cached_tokens`` KV entries summed over all layers.
+
+    Per layer the projections and MLP of one token, ``2·[d·(2·d_q + 2·d_kv) + 3·d·m]``, plus ``2·2·d_q`` per cached
+    entry (QKᵀ and AV), plus the LM head ``2·d·V``. Only the attention term shrinks with the cache.
+    """
+    d, d_q, d_kv, m, layers, _ = _text_dims(text_config)
+    fixed = layers * 2.0 * (d * (2 * d_q + 2 * d_kv) + 3 * d * m) + 2.0 * d * text_config.vocab_size
+    return fixed + 4.0 * d_q * cached_tokens
+
+
 def kv_cache_bytes(tokens_per_layer: Sequence[Sequence[int]], text_config: Any, element_size: int) -> int:
     """Bytes of K and V cached after prefill for the non-padding tokens of each sample and layer."""
     *_, head_dim = _text_dims(text_config)
