@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
-.PHONY: setup example test bench bench-quick bench-speed train-embedded train-matryoshka
+.PHONY: setup example test bench bench-quick bench-speed train-embedded train-matryoshka train-in-llm
 
 setup:
 	EXTRAS=$(EXTRAS) bash tools/setup_env.sh
@@ -48,3 +48,9 @@ train-embedded: setup
 train-matryoshka: setup
 	$(PY) -m vlm_compress.bench.train_m3 --base $(TINY) --out vlm_compress/assets/tiny-llava-m3 --minutes 13
 	$(PY) -m vlm_compress.bench.train_mqt --base $(TINY) --out vlm_compress/assets/tiny-llava-mqt --minutes 13
+
+# The trained in-LLM methods of tiny-llava: p-MoD (routers + decoder fine-tune, 15 min) and ATP's threshold heads
+# (frozen LLM, 10 min), on 2 CPU cores (see their train_log.json).
+train-in-llm: setup
+	$(PY) -m vlm_compress.bench.train_pmod --base $(TINY) --out vlm_compress/assets/tiny-llava-pmod --minutes 15
+	$(PY) -m vlm_compress.bench.train_atp --base $(TINY) --out vlm_compress/assets/tiny-llava-atp --minutes 10

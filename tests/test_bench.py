@@ -139,3 +139,48 @@ def test_stacked_method_specs_build_one_config_per_stage(model, batch):
     assert stack[1].mode == "official" and all(c.budget is None for c in stack)
     compress(model, budget=0.5, method=stack)
     assert [c.budget for c in model.compression.configs] == [0.5, 0.5]
+
+
+def shapes_accuracy(model, processor, items):
+    inputs = processor(images=[i.image for i in items], text=[f"USER: <image>\n{i.question} ASSISTANT:" for i in items],
+                       return_tensors="pt", padding=True)
+    out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(a.strip() == i.answer for a, i in zip(answers, items)) / len(items)
+
+
+def test_shipped_pmod_checkpoint_routes_and_answers():
+    from vlm_compress import restore
+    from vlm_compress.bench.run import load_model
+    from vlm_compress.modules.pmod import TokenRouters
+
+    path = ASSETS / "tiny-llava-pmod"
+    model, processor = load_model(path, torch.device("cpu"), torch.float32)
+    routers = TokenRouters.load(path)
+    assert all(r.weight.abs().sum() > 0 for r in routers.routers.values())  # trained, not the zero init
+    items = shapes_items(20)
+    compress(model, budget=0.5375, method="pmod")  # R̄ = 0.5 on 4 layers: ratios 1, .75, .25, .15
+    try:
+        accuracy = shapes_accuracy(model, processor, items)
+        assert model.compression.stats.layer_visual_tokens == [144.0, 108.0, 36.0, 21.0]
+    finally:
+        restore(model)
+    assert accuracy >= 0.8  # the trained model answers with its routing (random tokens: ~0.5 at this budget)
+
+
+def test_shipped_atp_heads_track_the_budget(shipped):
+    from vlm_compress import restore
+    from vlm_compress.pruners.atp import ATPPruner
+
+    model, processor = shipped
+    items = shapes_items(20)
+    shares = {}
+    for budget in (0.7, 0.35):
+        compress(model, budget=budget, method="atp")
+        try:
+            shapes_accuracy(model, processor, items)
+            shares[budget] = model.compression.stats.layer_avg_visual_tokens / 144
+        finally:
+            restore(model)
+    assert shares[0.7] > shares[0.35] and abs(shares[0.35] - 0.35) < 0.1
+    assert ATPPruner().scoring_layers(4) == (0, 1, 2)

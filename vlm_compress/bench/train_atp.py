@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--budget-weight", type=float, default=20.0)
+    parser.add_argument("--temperature", type=float, default=50.0, help="soft-mask temperature T")
     parser.add_argument("--min-budget", type=float, default=0.3)
     parser.add_argument("--max-budget", type=float, default=0.8)
     parser.add_argument("--eval-every", type=int, default=100)
@@ -106,7 +107,7 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         budget = float(rng.uniform(args.min_budget, args.max_budget))
-        config = ATPPruner(budget=budget, heads=str(out), soft=True)
+        config = ATPPruner(budget=budget, heads=str(out), soft=True, temperature=args.temperature)
         batch = make_batch(task, tokenizer, "train", rng.integers(0, 10**9, args.batch_size), grid)
         ids, mask, answers = prompt_and_answer(batch)
         compress(model, method=config)
