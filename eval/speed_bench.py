@@ -88,8 +88,8 @@ def main() -> None:
     prompt_len = int(inputs["attention_mask"].sum())
     untrained = untrained_routers(cfg.text_config)
 
-    def parse(spec):
-        method, options = method_arg(spec)
+    def parse(spec, budget):
+        method, options = method_arg(spec, budget)
         if method == "pmod":  # speed does not depend on the routing's quality: zero routers of this model's size
             options.setdefault("routers", untrained)
         return method, options
@@ -97,17 +97,17 @@ def main() -> None:
     configs = [("none", 1.0)]
     for spec in args.methods:
         for budget in args.budgets:
-            name, options = parse(spec)
+            name, options = parse(spec, budget)
             try:
-                restore(compress(model, budget=budget, method=name, **options))
+                restore(compress(model, method=name, **options))
                 configs.append((spec, budget))
             except ValueError as err:  # AnyRes-only methods on LLaVA-1.5, trained weights, FastV below K/L
                 print(f"skipping {spec} @ {budget}: {err}", file=sys.stderr)
 
     def apply(method, budget):
         if method != "none":
-            name, options = parse(method)
-            compress(model, budget=budget, method=name, **options)
+            name, options = parse(method, budget)
+            compress(model, method=name, **options)
 
     def remove(method):
         if method != "none":

@@ -133,11 +133,12 @@ def test_stacked_method_specs_build_one_config_per_stage(model, batch):
     from vlm_compress.pruners.mustdrop import MustDropPruner
     from vlm_compress.pruners.mustdrop_llm import MustDropLLMPruner
 
-    assert method_arg("fastv:layer=1") == ("fastv", {"layer": 1})
-    stack, options = method_arg("mustdrop+mustdrop_llm:mode=official")
+    assert method_arg("fastv:layer=1", 0.5) == ("fastv", {"budget": 0.5, "layer": 1})
+    stack, options = method_arg("mustdrop+mustdrop_llm:mode=official", 0.25)
     assert options == {} and [type(c) for c in stack] == [MustDropPruner, MustDropLLMPruner]
-    assert stack[1].mode == "official" and all(c.budget is None for c in stack)
-    compress(model, budget=0.5, method=stack)
+    assert stack[1].mode == "official" and [c.budget for c in stack] == [0.5, 0.5]  # 0.5 · 0.5 = 0.25 overall
+    assert [c.budget for c in method_arg("random+fastv", 16)[0]] == [16, 16]
+    compress(model, method=stack)
     assert [c.budget for c in model.compression.configs] == [0.5, 0.5]
 
 

@@ -87,17 +87,24 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
-def method_arg(spec: str) -> tuple[str | list, dict[str, Any]]:
-    """``compress``'s ``method`` and keyword options for a bench spec; ``"a+b:opt=1"`` stacks stages, each part
-    with its own options (``"mustdrop+mustdrop_llm"`` is MustDrop's three stages)."""
+def method_arg(spec: str, budget: float | int) -> tuple[str | list, dict[str, Any]]:
+    """``compress``'s ``method`` and keyword options for a bench spec at ``budget``.
+
+    ``"a+b:opt=1"`` stacks stages, each part with its own options (``"mustdrop+mustdrop_llm"`` is MustDrop's three
+    stages). Each of ``k`` stacked stages keeps ``budget^(1/k)`` of what reaches it, so a float budget stays the
+    layer-averaged share of the whole stack (an int budget goes to every stage as it is).
+    """
     if "+" not in spec:
-        return parse_method(spec)
+        name, options = parse_method(spec)
+        return name, {"budget": budget, **options}
     from .. import get_method
 
+    parts = spec.split("+")
+    share = budget ** (1 / len(parts)) if isinstance(budget, float) else budget
     stack = []
-    for part in spec.split("+"):
+    for part in parts:
         name, options = parse_method(part)
-        stack.append(get_method(name).create(**options))
+        stack.append(get_method(name).create(budget=share, **options))
     return stack, {}
 
 
@@ -189,9 +196,9 @@ def run(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
     configs, skipped = [("none", 1.0)], {}
     for spec in methods:
         for budget in args.budgets:
-            method, options = method_arg(spec)
+            method, options = method_arg(spec, budget)
             try:  # e.g. AnyRes-only methods on LLaVA-1.5, weights trained for another model, FastV below K/L
-                restore(compress(model, budget=budget, method=method, **options))
+                restore(compress(model, method=method, **options))
                 configs.append((spec, budget))
             except ValueError as err:
                 skipped.setdefault(spec, {"reason": str(err), "budgets": []})["budgets"].append(budget)
@@ -202,8 +209,8 @@ def run(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
     reference: list[str] = []
     for method, budget in configs:
         if method != "none":
-            stack, options = method_arg(method)
-            compress(model, budget=budget, method=stack, **options)
+            stack, options = method_arg(method, budget)
+            compress(model, method=stack, **options)
         try:
             answers, totals = runner.answers()
             prefill_ms, decode_ms, peak = runner.speed(args.repeats)
