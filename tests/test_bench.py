@@ -158,7 +158,8 @@ def test_shipped_pmod_checkpoint_routes_and_answers():
     path = ASSETS / "tiny-llava-pmod"
     model, processor = load_model(path, torch.device("cpu"), torch.float32)
     routers = TokenRouters.load(path)
-    assert all(r.weight.abs().sum() > 0 for r in routers.routers.values())  # trained, not the zero init
+    # trained, not the zero init; the last layer's router gets no gradient (see the pmod docstring) and stays zero
+    assert all(routers.routers[str(layer)].weight.abs().sum() > 0 for layer in (0, 1, 2))
     items = shapes_items(20)
     compress(model, budget=0.5375, method="pmod")  # R̄ = 0.5 on 4 layers: ratios 1, .75, .25, .15
     try:

@@ -13,6 +13,12 @@ Needs routers trained with the LLM: ``routers=PATH`` (default: the embedded ``ti
 ``python -m vlm_compress.bench.train_pmod``; load its model with :func:`~vlm_compress.modules.pmod.load_pmod_model`).
 On a model not fine-tuned with them the routing runs but its choices mean nothing.
 
+The last layer's router never learns: its weights only scale the visual tokens' MLP outputs and skipped states,
+which nothing after the last layer reads (the loss sits on text positions, and that layer's keys come from its
+input). It stays at zero, so the last layer keeps the first visual tokens by position (ties go to the lower
+index). By our reading of the official code (loss on text positions only, weight decay 0) the released 32-layer
+models' layer-31 routers are zero too.
+
 Budget: the layer-averaged share of visual tokens. The schedule's ``R̄`` is solved so the average does not exceed
 the budget (the official ``R̄ = 0.5`` on 32 layers is a budget of 0.537); ``router_factor`` sets ``R̄`` directly
 and ``ratios`` sets every layer's share (``None`` for a dense layer), both overriding the budget.
