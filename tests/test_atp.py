@@ -84,6 +84,14 @@ def test_learned_rule_keeps_redundancy_or_spatial_survivors(tmp_path):
     assert expected.tolist() == [True, False, False, True]  # token 1 by space, token 4 by redundancy
 
 
+@pytest.mark.parametrize("learned", [False, True], ids=["training-free", "learned"])
+def test_full_budget_is_identity(deep, batch, tmp_path, learned):
+    reference = deep(**batch).logits
+    heads = fixed_heads(tmp_path, [0, 1, 2], 0.9, 0.9) if learned else None  # thresholds that would prune
+    compress(deep, budget=1.0, method=ATPPruner(heads=heads))
+    assert torch.equal(deep(**batch).logits, reference)
+
+
 def test_training_free_variant_meets_the_layer_averaged_budget(deep, batch):
     compress(deep, budget=0.5, method=ATPPruner(heads=None))
     deep(**batch)

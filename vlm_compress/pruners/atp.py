@@ -208,6 +208,7 @@ class ATPPruner(PrefillPruner):
                 ctx.extras["atp_soft_after"][layer] = ctx.extras["atp_soft"]
                 return
             keep = alive & ((redundancy > theta[:, :1]) | (spatial > theta[:, 1:]))
+            keep |= alive & (ctx.extras["atp_share"] >= 1.0).to(alive.device)[:, None]  # a full budget keeps all
         ctx.alive = (ctx.alive & ~ctx.visual) | keep | (alive & ctx.protected)
 
     def _solved_keep(self, ctx: PrefillContext, alive: torch.Tensor, redundancy: torch.Tensor,
