@@ -1,0 +1,159 @@
+"""Every Triton kernel equals its torch reference under TRITON_INTERPRET=1 (CPU tensors); the dispatch's rules."""
+
+import os
+
+import pytest
+import torch
+
+from vlm_compress import kernels
+from vlm_compress.kernels import reference
+
+import triton  # noqa: E402,F401  (the test extra installs it; a missing triton must fail, not skip)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture()
+def triton_backend(monkeypatch):
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # conftest sets it before any kernel module is imported
+    monkeypatch.setenv(kernels.ENV, "triton")
+
+
+def both(fn, *args, **kwargs):
+    """(reference result, kernel result) of a dispatch function."""
+    os.environ[kernels.ENV] = "torch"
+    expected = fn(*args, **kwargs)
+    os.environ[kernels.ENV] = "triton"
+    return expected, fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_gather_matches_reference_with_ragged_groups_and_ties(triton_backend, dtype):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (3, 37), generator=g).to(dtype)  # many ties
+    features = torch.randn(3, 37, 19, generator=g).to(dtype)
+    sizes = torch.tensor([[20, 17, 0], [7, 7, 7], [37, 0, 0]])
+    k = torch.tensor([[0, 17, 0], [1, 3, 9], [5, 0, 0]])  # k = 0, k = N of a group, k > group size
+    (ref_out, ref_index, ref_counts), (out, index, counts) = both(kernels.topk_gather, scores, features, k, sizes)
+    assert torch.equal(index, ref_index) and torch.equal(counts, ref_counts) and torch.equal(out, ref_out)
+    assert counts.tolist() == [17, 1 + 3 + 7, 5]
+
+
+def test_topk_gather_breaks_ties_to_the_lower_index_and_keeps_order(triton_backend):
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -1.0, 0.5]])
+    features = torch.arange(7.0).view(1, 7, 1)
+    out, index, counts = kernels.topk_gather(scores, features, 2)
+    assert index.tolist() == [[1, 2]] and out[0, :, 0].tolist() == [1.0, 2.0]
+    _, index, _ = kernels.topk_gather(scores, features, 7)
+    assert index.tolist() == [list(range(7))]
+    _, index, counts = kernels.topk_gather(scores, features, 0)
+    assert index.shape == (1, 0) and counts.tolist() == [0]
+    _, index, _ = kernels.topk_gather(-scores, features, 3)  # negative values order correctly too
+    assert index.tolist() == [[0, 5, 6]]
+
+
+@pytest.mark.parametrize("n", [1, 33, 130])
+def test_topk_gather_random_shapes(triton_backend, n):
+    g = torch.Generator().manual_seed(n)
+    scores, features = torch.randn(2, n, generator=g), torch.randn(2, n, 5, generator=g)
+    for k in {0, 1, n // 3, n}:
+        expected, got = both(kernels.topk_gather, scores, features, k)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduce", ["mean", "sum", "max"])
+@pytest.mark.parametrize("kind", ["probs", "logits"])
+def test_row_attention_matches_reference(triton_backend, dtype, reduce, kind):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 3, 12, generator=g).to(dtype)  # 4 query heads over 2 KV heads, head_dim 12
+    k = torch.randn(2, 2, 150, 12, generator=g).to(dtype)  # N not a power of two, > one key block
+    allowed = torch.rand(2, 3, 150, generator=g) > 0.3
+    allowed[1, 2] = False  # a row with no allowed key
+    for mask in (None, allowed):
+        expected, got = both(kernels.row_attention, q, k, 12 ** -0.5, reduce, kind, mask)
+        finite = torch.isfinite(expected)
+        assert torch.equal(finite, torch.isfinite(got))
+        torch.testing.assert_close(got[finite], expected[finite], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_window_merge_matches_reference(triton_backend, dtype):
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(2, 36, 10, generator=g).to(dtype)
+    metric = torch.randn(2, 36, 40, generator=g).to(dtype)
+    metric[0, :3] = metric[0, 0]  # one window whose first row repeats: higher similarity
+    windows = kernels.grid_windows(6, 6, 3).expand(2, -1, -1).clone()
+    windows[1, 2] = -1  # an absent window
+    sizes = torch.rand(2, 36, generator=g) + 0.5
+    for threshold in (-1.0, 0.0, 0.2):
+        (ref_merged, ref_sim, ref_mean), (merged, sim, mean) = both(kernels.window_merge, values, metric, windows,
+                                                                    threshold, sizes)
+        torch.testing.assert_close(sim, ref_sim, rtol=1e-4, atol=1e-5)
+        assert torch.equal(merged, ref_merged)
+        torch.testing.assert_close(mean.float(), ref_mean.float(), rtol=1e-2, atol=1e-2)
+    assert not merged[1, 2] and sim[1, 2] == 0
+
+
+def test_window_merge_formula_on_a_hand_built_window():
+    values = torch.tensor([[[1.0], [3.0], [5.0], [7.0]]])
+    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    merged, sim, mean = kernels.window_merge(values, metric, torch.tensor([[0, 1, 2, 3]]), 0.5,
+                                             sizes=torch.tensor([[1.0, 1.0, 2.0, 0.0]]))
+    # pairs: (0,1) 1, (0,2) 0, (0,3) .7071, (1,2) 0, (1,3) .7071, (2,3) .7071 → mean 3.1213/6 = 0.5202
+    assert sim.item() == pytest.approx((1 + 3 * 2 ** -0.5) / 6, abs=1e-6) and merged.item()
+    assert mean.item() == pytest.approx((1 + 3 + 2 * 5) / 4)
+
+
+def test_grid_windows_are_complete_raster_windows():
+    w = kernels.grid_windows(4, 5, 2)  # a 4×5 grid: 2×2 complete windows, the last column left out
+    assert w.tolist() == [[0, 1, 5, 6], [2, 3, 7, 8], [10, 11, 15, 16], [12, 13, 17, 18]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_best_match_and_bipartite_merge_match_reference(triton_backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 45, 8, generator=g).to(dtype)
+    metric = torch.randn(2, 45, 20, generator=g).to(dtype)
+    (ref_sim, ref_index), (sim, index) = both(kernels.best_match, metric[:, ::2], metric[:, 1::2])
+    torch.testing.assert_close(sim, ref_sim, rtol=1e-4, atol=1e-4)
+    assert torch.equal(index, ref_index)
+    for r in (0, 1, 10, 23):
+        expected, got = both(kernels.bipartite_merge, x, metric, r)
+        assert torch.equal(got[2], expected[2]) and torch.equal(got[1], expected[1])
+        torch.testing.assert_close(got[0].float(), expected[0].float(), rtol=1e-2, atol=1e-2)
+
+
+def test_bipartite_merge_formula_by_hand():
+    x = torch.tensor([[[1.0], [10.0], [2.0], [20.0]]])  # A = tokens 0, 2; B = tokens 1, 3
+    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.0, 1.0]]])  # 2 ≡ 3, 0 ≈ 1
+    merged, sizes, source = kernels.bipartite_merge(x, metric, 1, sizes=torch.tensor([[1.0, 1.0, 1.0, 3.0]]))
+    assert source.tolist() == [[0, 1, 2, 2]]  # token 2 (the best edge) went into token 3
+    assert merged[0, :, 0].tolist() == pytest.approx([1.0, 10.0, (2 + 60) / 4])
+    assert sizes.tolist() == [[1.0, 1.0, 4.0]]
+
+
+def test_dispatch_rules(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.setenv(kernels.ENV, "auto")
+    assert kernels.backend(cpu) == "torch"
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert kernels.backend(cpu) == "torch"
+    monkeypatch.setenv(kernels.ENV, "triton")
+    assert kernels.backend(cpu) == "triton"  # the interpreter is on
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.backend(cpu)
+    monkeypatch.setenv(kernels.ENV, "cuda")
+    with pytest.raises(ValueError, match="must be one of"):
+        kernels.backend(cpu)
+
+
+def test_bad_inputs_name_the_fix():
+    with pytest.raises(ValueError, match="scores \\[B, N\\]"):
+        kernels.topk_gather(torch.zeros(3), torch.zeros(3, 2), 1)
+    with pytest.raises(ValueError, match="sum to at most"):
+        kernels.topk_gather(torch.zeros(1, 4), torch.zeros(1, 4, 2), 1, group_sizes=[3, 3])
+    with pytest.raises(ValueError, match="multiple of H_kv"):
+        kernels.row_attention(torch.zeros(1, 3, 1, 4), torch.zeros(1, 2, 5, 4), 1.0)
+    with pytest.raises(ValueError, match="reduce must be"):
+        kernels.row_attention(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 5, 4), 1.0, reduce="median")

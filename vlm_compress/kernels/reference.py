@@ -1,0 +1,92 @@
+"""Torch references of the fused kernels: the semantics every Triton kernel is tested against, and the path taken
+on CPU tensors (or whenever ``VLM_COMPRESS_KERNELS=torch``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+REDUCTIONS = ("mean", "sum", "max")
+KINDS = ("probs", "logits")
+
+
+def segments(group_sizes: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Flatten ``[B, G]`` groups into segments: (sample, start, length, kept, output start), each [B·G] int64,
+    plus the kept count per sample [B]. ``k`` is clamped to each group's size."""
+    b, g = group_sizes.shape
+    kept = torch.minimum(k, group_sizes).clamp(min=0)
+    starts = torch.cumsum(group_sizes, dim=1) - group_sizes
+    out_starts = torch.cumsum(kept, dim=1) - kept
+    sample = torch.arange(b, device=group_sizes.device).repeat_interleave(g)
+    return sample, starts.flatten(), group_sizes.flatten(), kept.flatten(), out_starts.flatten(), kept.sum(dim=1)
+
+
+def topk_gather(scores: torch.Tensor, features: torch.Tensor, group_sizes: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group, the ``k`` highest scores (ties: lower index) gathered in their original order.
+
+    scores [B, N]; features [B, N, D]; group_sizes, k [B, G] int64 (groups are consecutive runs from position 0).
+    Returns (kept features [B, K, D] zero-padded, kept index [B, K] into N with -1 padding, counts [B]);
+    ``K`` is the largest count.
+    """
+    sample, starts, lengths, kept, out_starts, counts = segments(group_sizes, k)
+    width = int(counts.max()) if counts.numel() else 0
+    index = torch.full((scores.shape[0], width), -1, dtype=torch.long, device=scores.device)
+    for s, start, length, n, out in zip(*(t.tolist() for t in (sample, starts, lengths, kept, out_starts))):
+        if n == 0:
+            continue
+        order = torch.sort(scores[s, start:start + length].float(), descending=True, stable=True).indices[:n]
+        index[s, out:out + n] = order.sort().values + start
+    gathered = features.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, features.shape[-1]))
+    return gathered.masked_fill(index[..., None] < 0, 0), index, counts
+
+
+def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = "mean", kind: str = "probs",
+                  allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Head-reduced attention of a few query rows over all keys, float32 [B, R, N].
+
+    q [B, H, R, hd], k [B, H_kv, N, hd] (RoPE already applied; H a multiple of H_kv), ``allowed`` [B, R, N] bool.
+    ``probs``: per-head softmax (a row with no allowed key is all zero), masked entries 0. ``logits``: masked
+    entries ``-inf``.
+    """
+    groups = q.shape[1] // k.shape[1]
+    logits = torch.matmul(q.float(), k.float().repeat_interleave(groups, dim=1).transpose(-1, -2)) * scale
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    per_head = torch.softmax(logits, dim=-1).nan_to_num(0.0) if kind == "probs" else logits
+    if reduce == "mean":
+        return per_head.mean(dim=1)
+    if reduce == "sum":
+        return per_head.sum(dim=1)
+    return per_head.amax(dim=1)
+
+
+def window_merge(values: torch.Tensor, metric: torch.Tensor, windows: torch.Tensor, threshold: float,
+                 sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge decision and size-weighted mean of token windows (MustDrop stage 1).
+
+    values [B, N, D]; metric [B, N, C] (similarity features); windows [B, W, M] token indices (a row of -1 is an
+    absent window; present windows are complete); sizes [B, N] (default 1). A window merges when the mean
+    pairwise cosine similarity of its members' metric rows is ``>= threshold``. Returns (merged [B, W] bool,
+    similarity [B, W] float32, mean [B, W, D] in ``values.dtype``, the size-weighted average of its members; 0 for an absent window).
+    """
+    present = windows[..., 0] >= 0
+    at = windows.clamp(min=0)
+    b, w, m = windows.shape
+    rows = lambda x: x.gather(1, at.flatten(1)[..., None].expand(-1, -1, x.shape[-1])).view(b, w, m, -1)  # noqa: E731
+    unit = F.normalize(rows(metric).float(), dim=-1)
+    similarity = ((unit @ unit.transpose(-1, -2)).sum(dim=(-1, -2)) - m) / (m * (m - 1))
+    similarity = similarity.masked_fill(~present, 0.0)
+    weight = torch.ones(b, values.shape[1], device=values.device) if sizes is None else sizes.float()
+    member_weight = weight.gather(1, at.flatten(1)).view(b, w, m, 1)
+    mean = (rows(values).float() * member_weight).sum(dim=2) / member_weight.sum(dim=2)
+    mean = mean.masked_fill(~present[..., None], 0.0)
+    return present & (similarity >= threshold), similarity, mean.to(values.dtype)
+
+
+def best_match(metric_a: torch.Tensor, metric_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every row of ``metric_a`` [B, Na, C], its most cosine-similar row of ``metric_b`` [B, Nb, C]:
+    (similarity [B, Na] float32, index [B, Na]); ties go to the lower index."""
+    a = F.normalize(metric_a.float(), dim=-1)
+    bb = F.normalize(metric_b.float(), dim=-1)
+    return (a @ bb.transpose(-1, -2)).max(dim=-1)
