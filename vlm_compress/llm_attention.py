@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -59,11 +61,5 @@ def row_attention(
     queries: [B, H, R, hd] (RoPE applied); keys: [B, H_kv, K, hd] (from the cache, RoPE applied);
     allowed: [B, R, K] bool, which keys each row may see (causality and padding). Softmax in float32.
     """
-    attn = layer.self_attn
-    groups = queries.shape[1] // keys.shape[1]
-    if groups > 1:
-        keys = keys.repeat_interleave(groups, dim=1)
-    logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * attn.scaling
-    logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no allowed key (padding) is all zero
-    return probs.mean(dim=1)
+    # a row with no allowed key (padding) is all zero
+    return kernels.row_attention(queries, keys, layer.self_attn.scaling, "mean", "probs", allowed)

@@ -11,6 +11,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 HeadReduce = Literal["mean", "sum", "max"]
 ScoreKind = Literal["probs", "logits"]
 
@@ -45,15 +47,9 @@ def row_attention(
     q_rows: ``[B, R, H, hd]``, k: ``[B, N, H, hd]`` (any RoPE already applied) → ``[B, R, N]`` in float32:
     ``softmax(q·kᵀ·scale)`` per head (``kind="probs"``) or the pre-softmax logits, reduced over heads.
     """
-    logits = torch.einsum("brhd,bnhd->bhrn", q_rows.float(), k.float()) * scale
-    per_head = logits.softmax(dim=-1) if kind == "probs" else logits
-    if head_reduce == "mean":
-        return per_head.mean(dim=1)
-    if head_reduce == "sum":
-        return per_head.sum(dim=1)
-    if head_reduce == "max":
-        return per_head.amax(dim=1)
-    raise ValueError(f"head_reduce must be 'mean', 'sum' or 'max', got {head_reduce!r}")
+    if head_reduce not in ("mean", "sum", "max"):
+        raise ValueError(f"head_reduce must be 'mean', 'sum' or 'max', got {head_reduce!r}")
+    return kernels.row_attention(q_rows.transpose(1, 2), k.transpose(1, 2), scale, head_reduce, kind)
 
 
 def pooled_grid_shape(count: int, grid: tuple[int, int]) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from .. import kernels
 from ..adapters.base import ImageBatch, TokenLayout
 from ..config import MethodConfig
 from ..ops import HeadReduce, ScoreKind, gather_tokens
@@ -111,6 +112,13 @@ class EncoderSelection:
     def from_indices(cls, features: torch.Tensor, index: torch.Tensor) -> "EncoderSelection":
         """Selection by gathering ``features`` [I, N, D] at sorted ``index`` [I, k]."""
         return cls(features=list(gather_tokens(features, index).unbind(0)), kept_index=list(index.unbind(0)))
+
+    @classmethod
+    def top_k(cls, features: torch.Tensor, scores: torch.Tensor, k: int) -> "EncoderSelection":
+        """The ``k`` highest-scoring rows of ``features`` [I, N, D] by ``scores`` [I, N], in raster order (ties:
+        lower index), through the fused top-k + gather kernel dispatch."""
+        kept, index, _ = kernels.topk_gather(scores, features, k)
+        return cls(features=list(kept.unbind(0)), kept_index=list(index.unbind(0)))
 
 
 @dataclasses.dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..ops import topk_indices
 from ..registry import register_method
 from .base import EncoderContext, EncoderPruner, EncoderSelection
 
@@ -28,4 +27,4 @@ class ClsAttnPruner(EncoderPruner):
 
     def select(self, ctx: EncoderContext) -> EncoderSelection:
         scores = ctx.cls_attention(self.layer, self.head_reduce, self.kind)
-        return EncoderSelection.from_indices(ctx.features, topk_indices(scores, ctx.uniform_keep()))
+        return EncoderSelection.top_k(ctx.features, scores, ctx.uniform_keep())

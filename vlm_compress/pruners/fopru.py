@@ -77,7 +77,7 @@ class FoPruPruner(EncoderPruner):
         keep = ctx.uniform_keep()
         scores = self.significance(ctx)
         if self.strategy == "rank" or keep >= ctx.num_tokens:
-            return EncoderSelection.from_indices(ctx.features, topk_indices(scores, keep))
+            return EncoderSelection.top_k(ctx.features, scores, keep)
         rows = _grid_rows(ctx.layout)
         index = torch.stack([_best_rows(rows, s, keep) for s in scores.cpu()])
         return EncoderSelection.from_indices(ctx.features, index.to(ctx.features.device))

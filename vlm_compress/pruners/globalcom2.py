@@ -65,7 +65,7 @@ class GlobalCom2Pruner(EncoderPruner):
         layout, keep = ctx.layout, ctx.uniform_keep()
         scores = ctx.cls_attention(self.layer, "mean", self.kind)
         if keep >= ctx.num_tokens:
-            return EncoderSelection.from_indices(ctx.features, topk_indices(scores, keep))
+            return EncoderSelection.top_k(ctx.features, scores, keep)
         index = torch.stack([self._select_one(layout, keep, s) for s in scores.cpu()])
         return EncoderSelection.from_indices(ctx.features, index.to(ctx.features.device))
 

@@ -64,7 +64,7 @@ class HiREDPruner(EncoderPruner):
         final = ctx.cls_attention(self.selection_layer, self.head_reduce, "probs")  # [I, N], newlines -inf
         content = int((~layout.newline).sum())
         if not layout.is_anyres or keep >= content:
-            return EncoderSelection.from_indices(ctx.features, topk_indices(final, keep))
+            return EncoderSelection.top_k(ctx.features, final, keep)
         initial = ctx.cls_attention(self.allocation_layer, self.head_reduce, "probs")
         index = torch.stack([self._select_one(layout, keep, final[i], initial[i]) for i in range(final.shape[0])])
         return EncoderSelection.from_indices(ctx.features, index.to(ctx.features.device))

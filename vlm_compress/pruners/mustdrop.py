@@ -27,8 +27,8 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
+from .. import kernels
 from ..ops import topk_indices
 from ..registry import register_method
 from .base import EncoderContext, EncoderPruner, EncoderSelection
@@ -80,14 +80,14 @@ class MustDropPruner(EncoderPruner):
             slot_of = torch.arange(n)  # token → the token it is merged into (itself if not merged)
             merged_value: dict[int, torch.Tensor] = {}
             score = scores[i].clone()
-            for members in windows:
-                h = F.normalize(hidden[i, members.to(hidden.device)].float(), dim=-1)
-                m = members.numel()
-                similarity = ((h @ h.T).sum() - m) / (m * (m - 1))
-                if similarity >= self.threshold:
+            if windows:
+                index = torch.stack(windows)  # [W, window²]
+                merged, _, means = kernels.window_merge(vision[i : i + 1], hidden[i : i + 1], index, self.threshold)
+                for w in merged[0].nonzero().flatten().tolist():
+                    members = index[w]
                     target = int(members[-1])
                     slot_of[members] = target
-                    merged_value[target] = vision[i, members.to(vision.device)].float().mean(0)
+                    merged_value[target] = means[0, w].float()
                     score[target] = scores[i, members].mean()
             survivors = (slot_of == torch.arange(n)).nonzero().squeeze(1)
             s = score[survivors]
