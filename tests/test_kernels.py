@@ -157,3 +157,19 @@ def test_bad_inputs_name_the_fix():
         kernels.row_attention(torch.zeros(1, 3, 1, 4), torch.zeros(1, 2, 5, 4), 1.0)
     with pytest.raises(ValueError, match="reduce must be"):
         kernels.row_attention(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 5, 4), 1.0, reduce="median")
+
+
+@pytest.mark.parametrize("method", ["cls_attn", "mustdrop", "fastv:layer=1"])
+def test_methods_give_the_same_results_through_the_kernels(monkeypatch, model, batch, method):
+    from vlm_compress import compress, restore
+    from vlm_compress.bench.run import method_arg
+
+    results = {}
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv(kernels.ENV, choice)
+        name, options = method_arg(method, 0.75)  # the test LLM has 2 layers: FastV at K=1 reaches 0.5 minimum
+        compress(model, method=name, **options)
+        results[choice] = (model(**batch).logits, model.compression.stats.kept_per_image)
+        restore(model)
+    assert results["torch"][1] == results["triton"][1]
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4, atol=1e-4)
