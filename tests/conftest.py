@@ -49,3 +49,15 @@ def single(processor, images, i):
 
 
 GRID = LlavaDims().image_size // LlavaDims().patch_size  # 4 → 16 visual tokens per image
+
+
+def assert_batch_equals_single(model, processor, images, batch, steps=3):
+    """Greedy generation on the left-padded batch equals each prompt generated alone (tokens and step-0 logits)."""
+    greedy = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+    out = model.generate(**batch, **greedy)
+    width = batch["input_ids"].shape[1]
+    for i in range(batch["input_ids"].shape[0]):
+        one = model.generate(**single(processor, images, i), **greedy)
+        assert torch.equal(out.sequences[i, width:], one.sequences[0, -steps:])
+        torch.testing.assert_close(out.logits[0][i], one.logits[0][0], rtol=1e-4, atol=1e-4)

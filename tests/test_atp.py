@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import single
+from conftest import assert_batch_equals_single
 
 from vlm_compress import compress
 from vlm_compress.config import MethodConfig
@@ -104,13 +104,7 @@ def test_training_free_variant_meets_the_layer_averaged_budget(deep, batch):
 def test_batch_equals_single(deep, processor, images, batch, tmp_path, learned):
     heads = fixed_heads(tmp_path, [0, 1, 2], 0.5, 0.8) if learned else None
     compress(deep, budget=0.5, method=ATPPruner(heads=heads))
-    out = deep.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    width = batch["input_ids"].shape[1]
-    for i in range(3):
-        one = deep.generate(**single(processor, images, i), max_new_tokens=3, do_sample=False,
-                            return_dict_in_generate=True, output_logits=True)
-        assert torch.equal(out.sequences[i, width:], one.sequences[0, -3:])
-        torch.testing.assert_close(out.logits[0][i], one.logits[0][0], rtol=1e-4, atol=1e-4)
+    assert_batch_equals_single(deep, processor, images, batch)
 
 
 def test_soft_training_masks_drop_nothing_and_train_the_heads(deep, batch, tmp_path):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from vlm_compress import kernels
-from vlm_compress.kernels import reference
 
 import triton  # noqa: E402,F401  (the test extra installs it; a missing triton must fail, not skip)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from conftest import single
+from conftest import assert_batch_equals_single
 
-from vlm_compress import compress, restore
+from vlm_compress import compress
 from vlm_compress.config import MethodConfig
 from vlm_compress.modules.pmod import (
     TokenRouters, load_pmod_model, router_factor_for, save_deltas, shifted_cos_ratios, tanh_norm,
@@ -140,13 +140,7 @@ def test_cached_decode_equals_full_recompute(deep, batch, tmp_path):
 
 def test_batch_equals_single(deep, processor, images, batch, tmp_path):
     compress(deep, method=PModPruner(routers=make_routers(tmp_path, seed=4), ratios=(None, 0.5, 0.25, 0.25)))
-    out = deep.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    width = batch["input_ids"].shape[1]
-    for i in range(3):
-        one = deep.generate(**single(processor, images, i), max_new_tokens=3, do_sample=False,
-                            return_dict_in_generate=True, output_logits=True)
-        assert torch.equal(out.sequences[i, width:], one.sequences[0, -3:])
-        torch.testing.assert_close(out.logits[0][i], one.logits[0][0], rtol=1e-4, atol=1e-4)
+    assert_batch_equals_single(deep, processor, images, batch)
 
 
 def test_budget_solves_the_schedule(deep, batch, tmp_path):

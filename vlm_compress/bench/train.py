@@ -343,6 +343,22 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params,
     optimizer.step()
 
 
+def add_training_arguments(parser, *, out: str, minutes: float, lr: float, warmup: int, eval_every: int,
+                           base: str = "tiny-llava") -> None:
+    """The options every fine-tuning script of an embedded model shares (defaults per script)."""
+    assets = Path(__file__).resolve().parents[1] / "assets"
+    parser.add_argument("--base", default=str(assets / base))
+    parser.add_argument("--out", default=str(assets / out))
+    parser.add_argument("--minutes", type=float, default=minutes)
+    parser.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead of --minutes")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--eval-every", type=int, default=eval_every)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def schedule(args, step0: int, start: float):
     """``(lr_at(step), running(step))`` for a run of ``--steps`` steps, or of ``--minutes`` when no steps are given:
     linear warm-up over ``--warmup`` steps, then a cosine to a tenth of ``--lr``."""

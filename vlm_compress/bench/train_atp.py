@@ -26,9 +26,8 @@ from ..modules.atp import ThresholdHeads
 from ..pruners.atp import ATPPruner, load_heads
 from .task import ShapesTask
 from .timing import machine_description
-from .train import build_tokenizer, make_batch, optimizer_step, schedule
+from .train import add_training_arguments, build_tokenizer, make_batch, optimizer_step, schedule
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def prompt_and_answer(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,21 +54,12 @@ def evaluate(model, config: ATPPruner, task, tokenizer, grid: int, count: int, b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default=str(ASSETS / "tiny-llava"))
-    parser.add_argument("--out", default=str(ASSETS / "tiny-llava-atp"))
-    parser.add_argument("--minutes", type=float, default=8)
-    parser.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead of --minutes")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-2)
-    parser.add_argument("--warmup", type=int, default=20)
+    add_training_arguments(parser, out="tiny-llava-atp", minutes=8, lr=2e-2, warmup=20, eval_every=100)
     parser.add_argument("--budget-weight", type=float, default=20.0)
     parser.add_argument("--temperature", type=float, default=50.0, help="soft-mask temperature T")
     parser.add_argument("--min-budget", type=float, default=0.3)
     parser.add_argument("--max-budget", type=float, default=0.8)
-    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-count", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     from transformers import LlavaForConditionalGeneration

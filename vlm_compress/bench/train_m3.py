@@ -25,10 +25,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..pruners.m3 import m3_kernels
 from .task import ShapesTask
 from .timing import machine_description
-from .train import build_tokenizer, make_batch, schedule
+from .train import add_training_arguments, build_tokenizer, make_batch, schedule
 from .train_mqt import patch_features
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def pooled_tokens(model, pixel_values: torch.Tensor, grid: int, kernel: int) -> torch.Tensor:
@@ -64,17 +63,8 @@ def evaluate(model, task, tokenizer, grid: int, kernel: int, count: int = 200, b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default=str(ASSETS / "tiny-llava"))
-    parser.add_argument("--out", default=str(ASSETS / "tiny-llava-m3"))
-    parser.add_argument("--minutes", type=float, default=15)
-    parser.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead of --minutes")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_training_arguments(parser, out="tiny-llava-m3", minutes=15, lr=2e-4, warmup=30, eval_every=200)
     parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--eval-every", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration

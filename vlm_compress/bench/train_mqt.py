@@ -23,9 +23,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..modules.resampler import QueryResampler, ResamplerConfig
 from .task import ShapesTask
 from .timing import machine_description
-from .train import build_tokenizer, make_batch, optimizer_step, schedule
+from .train import add_training_arguments, build_tokenizer, make_batch, optimizer_step, schedule
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -62,18 +61,9 @@ def evaluate(model, resampler, task, tokenizer, grid: int, m: int, count: int = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default=str(ASSETS / "tiny-llava"))
-    parser.add_argument("--out", default=str(ASSETS / "tiny-llava-mqt"))
+    add_training_arguments(parser, out="tiny-llava-mqt", minutes=15, lr=1e-3, warmup=50, eval_every=200)
     parser.add_argument("--queries", type=int, default=64)
-    parser.add_argument("--minutes", type=float, default=15)
-    parser.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead of --minutes")
-    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--eval-every", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     from transformers import LlavaForConditionalGeneration

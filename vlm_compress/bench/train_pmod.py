@@ -27,9 +27,8 @@ from ..modules.pmod import TokenRouters, save_deltas, shifted_cos_ratios
 from ..pruners.pmod import PModPruner, load_routers
 from .task import ShapesTask
 from .timing import machine_description
-from .train import build_tokenizer, evaluate, make_batch, optimizer_step, schedule
+from .train import add_training_arguments, build_tokenizer, evaluate, make_batch, optimizer_step, schedule
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def evaluate_at(model, config: PModPruner | None, task, tokenizer, grid: int, count: int) -> float:
@@ -46,18 +45,9 @@ def evaluate_at(model, config: PModPruner | None, task, tokenizer, grid: int, co
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default=str(ASSETS / "tiny-llava"))
-    parser.add_argument("--out", default=str(ASSETS / "tiny-llava-pmod"))
-    parser.add_argument("--minutes", type=float, default=12)
-    parser.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead of --minutes")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_training_arguments(parser, out="tiny-llava-pmod", minutes=12, lr=3e-4, warmup=30, eval_every=100)
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-4, help="decoder layers; the routers get 3× this")
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-count", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     from transformers import LlavaForConditionalGeneration

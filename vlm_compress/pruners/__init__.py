@@ -2,6 +2,6 @@
 
 from . import atp, cls_attn, fastv, fopru, globalcom2, h2o, hired, m3, mqt, mustdrop, mustdrop_llm, pmod, pool, random, visionzip  # noqa: F401  (registration side effects)
 from .base import EncoderContext, EncoderPruner, EncoderSelection
-
-__all__ = ["EncoderContext", "EncoderPruner", "EncoderSelection"]
 from .llm_base import PrefillContext, PrefillPruner
+
+__all__ = ["EncoderContext", "EncoderPruner", "EncoderSelection", "PrefillContext", "PrefillPruner"]
