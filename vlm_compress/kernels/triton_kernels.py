@@ -41,7 +41,8 @@ def _topk_gather_kernel(scores_ptr, feat_ptr, out_ptr, index_ptr,
     equal = key == threshold
     equal_rank = tl.cumsum(equal.to(tl.int32), axis=0) - 1
     n_greater = tl.sum(greater.to(tl.int32), axis=0)
-    chosen = (greater | (equal & (equal_rank < k - n_greater))) & valid & (k > 0)
+    chosen = (greater | (equal & (equal_rank < k - n_greater))) & valid
+    chosen = chosen & (offs < tl.where(k > 0, length, 0))  # k = 0 keeps nothing
     position = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
     tl.store(index_ptr + b * K_OUT + out0 + position, (start + offs).to(tl.int64), mask=chosen)
     tl.debug_barrier()  # every program of a segment writes the same indices; this one reads its own back
