@@ -1,21 +1,28 @@
 # `make bench` / `make test` work on a fresh machine: each sets up ./.venv first (tools/setup_env.sh).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,bench,lmms
+EXTRAS ?= test,bench,lmms,demo
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
-.PHONY: setup example test bench bench-quick bench-speed train-embedded train-matryoshka train-in-llm
+.PHONY: setup browser example demo test bench bench-quick bench-speed train-embedded train-matryoshka train-in-llm
 
 setup:
 	EXTRAS=$(EXTRAS) bash tools/setup_env.sh
 
+# Debian chromium for the demo's browser test (tests/test_demo_browser.py), when missing and apt is usable
+browser:
+	bash tools/setup_browser.sh
+
 example: setup
 	$(PY) examples/quickstart.py
 
-test: setup
+demo: setup
+	$(PY) -m vlm_compress.demo
+
+test: setup browser
 	$(PY) -m pytest -q
 
 bench: setup
