@@ -359,6 +359,19 @@ def add_training_arguments(parser, *, out: str, minutes: float, lr: float, warmu
     parser.add_argument("--seed", type=int, default=0)
 
 
+def frozen_base(args):
+    """Threads and seed from ``args``; the frozen base model at ``args.base``, its patch-grid side, and the
+    ShapesVQA task and tokenizer that match it."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = LlavaForConditionalGeneration.from_pretrained(args.base, dtype=torch.float32).eval().requires_grad_(False)
+    vision = model.config.vision_config
+    task = ShapesTask(canvas=vision.image_size, cell=vision.patch_size)
+    return model, vision.image_size // vision.patch_size, task, build_tokenizer()
+
+
 def schedule(args, step0: int, start: float):
     """``(lr_at(step), running(step))`` for a run of ``--steps`` steps, or of ``--minutes`` when no steps are given:
     linear warm-up over ``--warmup`` steps, then a cosine to a tenth of ``--lr``."""

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from .. import compress, restore
 from ..modules.atp import ThresholdHeads
 from ..pruners.atp import ATPPruner, load_heads
-from .task import ShapesTask
 from .timing import machine_description
-from .train import add_training_arguments, build_tokenizer, make_batch, optimizer_step, schedule
+from .train import add_training_arguments, frozen_base, make_batch, optimizer_step, schedule
 
 
 
@@ -62,14 +61,8 @@ def main() -> None:
     parser.add_argument("--eval-count", type=int, default=256)
     args = parser.parse_args()
 
-    from transformers import LlavaForConditionalGeneration
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model = LlavaForConditionalGeneration.from_pretrained(args.base, dtype=torch.float32).eval().requires_grad_(False)
-    vision, text = model.config.vision_config, model.config.text_config
-    grid = vision.image_size // vision.patch_size
-    task, tokenizer = ShapesTask(canvas=vision.image_size, cell=vision.patch_size), build_tokenizer()
+    model, grid, task, tokenizer = frozen_base(args)
+    text = model.config.text_config
 
     out = Path(args.out)
     layers = list(ATPPruner().scoring_layers(text.num_hidden_layers))

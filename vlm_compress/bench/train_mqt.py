@@ -21,9 +21,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..modules.resampler import QueryResampler, ResamplerConfig
-from .task import ShapesTask
 from .timing import machine_description
-from .train import add_training_arguments, build_tokenizer, make_batch, optimizer_step, schedule
+from .train import add_training_arguments, frozen_base, make_batch, optimizer_step, schedule
 
 
 
@@ -66,14 +65,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     args = parser.parse_args()
 
-    from transformers import LlavaForConditionalGeneration
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model = LlavaForConditionalGeneration.from_pretrained(args.base, dtype=torch.float32).eval().requires_grad_(False)
+    model, grid, task, tokenizer = frozen_base(args)
     vision, text = model.config.vision_config, model.config.text_config
-    grid = vision.image_size // vision.patch_size
-    task, tokenizer = ShapesTask(canvas=vision.image_size, cell=vision.patch_size), build_tokenizer()
     resampler = QueryResampler(ResamplerConfig(args.queries, vision.hidden_size, text.hidden_size, 4)).train()
     optimizer = torch.optim.AdamW(resampler.parameters(), lr=args.lr, weight_decay=0.01)
     log = {"args": vars(args), "machine": {**machine_description(torch.device("cpu")), "cores": os.cpu_count()},

@@ -25,9 +25,8 @@ import torch
 from .. import compress, restore
 from ..modules.pmod import TokenRouters, save_deltas, shifted_cos_ratios
 from ..pruners.pmod import PModPruner, load_routers
-from .task import ShapesTask
 from .timing import machine_description
-from .train import add_training_arguments, build_tokenizer, evaluate, make_batch, optimizer_step, schedule
+from .train import add_training_arguments, frozen_base, evaluate, make_batch, optimizer_step, schedule
 
 
 
@@ -50,17 +49,11 @@ def main() -> None:
     parser.add_argument("--eval-count", type=int, default=256)
     args = parser.parse_args()
 
-    from transformers import LlavaForConditionalGeneration
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    base = LlavaForConditionalGeneration.from_pretrained(args.base, dtype=torch.float32).eval().requires_grad_(False)
+    base, grid, task, tokenizer = frozen_base(args)
     model = copy.deepcopy(base)
     layers = model.model.language_model.layers
     layers.requires_grad_(True)
-    vision, text = model.config.vision_config, model.config.text_config
-    grid = vision.image_size // vision.patch_size
-    task, tokenizer = ShapesTask(canvas=vision.image_size, cell=vision.patch_size), build_tokenizer()
+    text = model.config.text_config
 
     out = Path(args.out)
     meta = dict(base=os.path.relpath(Path(args.base).resolve(), out.resolve()), router_factor=0.5, max_ratio=0.85,
