@@ -67,7 +67,9 @@ def read_image(source) -> tuple[Image.Image, str]:
         image.load()
     except (UnidentifiedImageError, OSError) as err:
         name = Path(str(source)).name
-        raise DemoInputError(f"{name} is not an image this demo can read ({type(err).__name__}); upload a PNG or JPEG") from None
+        raise DemoInputError(
+            f"{name} is not an image this demo can read ({type(err).__name__}); upload a PNG or JPEG"
+        ) from None
     image = image.convert("RGB")
     if max(image.size) <= MAX_SIDE:
         return image, ""
@@ -124,8 +126,9 @@ def run(model, processor, image: Image.Image, question: str, method: str, budget
         restore(model)
     image_kwargs = {k: inputs[k] for k in ("image_sizes",) if k in inputs}
     layout = get_adapter(model).encode_images(inputs["pixel_values"], **image_kwargs)[0].layout
-    return Outcome(method, budget, answer, prefill_ms, round(stats.layer_avg_visual_tokens), full, 100 * stats.flops_ratio,
-                   render_overlay(image, token_states(layout, kept, merged)))
+    overlay = render_overlay(image, token_states(layout, kept, merged))
+    return Outcome(method, budget, answer, prefill_ms, round(stats.layer_avg_visual_tokens), full,
+                   100 * stats.flops_ratio, overlay)
 
 
 def compare(model, processor, image, question: str, methods: list[str], budgets: list[float]

@@ -26,7 +26,8 @@ def token_states(layout: TokenLayout, kept_index: torch.Tensor, merged_into: tor
     n = layout.num_tokens
     kept_index = torch.as_tensor(kept_index, dtype=torch.long).cpu()
     if kept_index.numel() and (kept_index.min() < 0 or kept_index.max() >= n):
-        raise ValueError(f"kept indices must lie in [0, {n}) for this layout, got {kept_index.min()}..{kept_index.max()}")
+        low, high = int(kept_index.min()), int(kept_index.max())
+        raise ValueError(f"kept indices must lie in [0, {n}) for this layout, got {low}..{high}")
     state = torch.full((n,), DROPPED, dtype=torch.uint8)
     if merged_into is not None:
         state[torch.as_tensor(merged_into).cpu() >= 0] = MERGED

@@ -68,7 +68,8 @@ def window_merge(values: torch.Tensor, metric: torch.Tensor, windows: torch.Tens
     values [B, N, D]; metric [B, N, C] (similarity features); windows [B, W, M] token indices (a row of -1 is an
     absent window; present windows are complete); sizes [B, N] (default 1). A window merges when the mean
     pairwise cosine similarity of its members' metric rows is ``>= threshold``. Returns (merged [B, W] bool,
-    similarity [B, W] float32, mean [B, W, D] in ``values.dtype``, the size-weighted average of its members; 0 for an absent window).
+    similarity [B, W] float32, mean [B, W, D] in ``values.dtype``: the size-weighted average of its members, 0 for
+    an absent window).
     """
     present = windows[..., 0] >= 0
     at = windows.clamp(min=0)

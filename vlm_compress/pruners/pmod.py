@@ -52,7 +52,8 @@ class PModPruner(PrefillPruner):
     """p-MoD: trained routers pick the visual tokens each layer processes; STRing scales by the router weight."""
 
     routers: str = dataclasses.field(
-        default=str(EMBEDDED_ROUTERS), metadata={"help": "Directory of trained routers (pmod_config.json + routers.safetensors)."}
+        default=str(EMBEDDED_ROUTERS),
+        metadata={"help": "Directory of trained routers (pmod_config.json + routers.safetensors)."},
     )
     router_factor: float | None = dataclasses.field(
         default=None, metadata={"help": "R̄ of the schedule (official 0.5); overrides the budget."}
@@ -60,7 +61,9 @@ class PModPruner(PrefillPruner):
     ratios: tuple[float | None, ...] | None = dataclasses.field(
         default=None, metadata={"help": "Per-layer share of visual tokens processed (None: dense); overrides both."}
     )
-    max_ratio: float = dataclasses.field(default=0.85, metadata={"help": "Layers above this ratio stay dense (official)."})
+    max_ratio: float = dataclasses.field(
+        default=0.85, metadata={"help": "Layers above this ratio stay dense (official)."}
+    )
     min_ratio: float = dataclasses.field(default=0.15, metadata={"help": "Floor of the ratio (official)."})
     weight_scale: float = dataclasses.field(default=0.2, metadata={"help": "TanhNorm α: w = α·tanh(r) + 1 (official)."})
 

@@ -205,7 +205,10 @@ class PrefillStage:
         allowed = allowed[:, None]
         if self.attn_implementation == "sdpa" and key_bias is None:
             return allowed
-        bias = torch.zeros((), dtype=dtype, device=allowed.device) if key_bias is None else key_bias[:, None, None, :].to(dtype)
+        if key_bias is None:
+            bias = torch.zeros((), dtype=dtype, device=allowed.device)
+        else:
+            bias = key_bias[:, None, None, :].to(dtype)
         return torch.where(allowed, bias, torch.finfo(dtype).min)
 
     def _prefill_layer(self, i: int, original: Callable[..., Any], hidden: torch.Tensor, kwargs: dict) -> Any:
