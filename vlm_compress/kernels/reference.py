@@ -27,16 +27,25 @@ def topk_gather(scores: torch.Tensor, features: torch.Tensor, group_sizes: torch
 
     scores [B, N]; features [B, N, D]; group_sizes, k [B, G] int64 (groups are consecutive runs from position 0).
     Returns (kept features [B, K, D] zero-padded, kept index [B, K] into N with -1 padding, counts [B]);
-    ``K`` is the largest count.
+    ``K`` is the largest count. Batched over samples, one stable sort per group.
     """
-    sample, starts, lengths, kept, out_starts, counts = segments(group_sizes, k)
+    b, n = scores.shape
+    kept = torch.minimum(k, group_sizes).clamp(min=0)
+    counts = kept.sum(dim=1)
     width = int(counts.max()) if counts.numel() else 0
-    index = torch.full((scores.shape[0], width), -1, dtype=torch.long, device=scores.device)
-    for s, start, length, n, out in zip(*(t.tolist() for t in (sample, starts, lengths, kept, out_starts))):
-        if n == 0:
-            continue
-        order = torch.sort(scores[s, start:start + length].float(), descending=True, stable=True).indices[:n]
-        index[s, out:out + n] = order.sort().values + start
+    ends = torch.cumsum(group_sizes, dim=1)
+    group_of = torch.searchsorted(ends, torch.arange(n, device=scores.device).expand(b, n).contiguous(), right=True)
+    out_starts = torch.cumsum(kept, dim=1) - kept
+    index = torch.full((b, width + 1), -1, dtype=torch.long, device=scores.device)  # last column: a dump slot
+    positions = torch.arange(n, device=scores.device).expand(b, n)
+    for g in range(group_sizes.shape[1]):
+        member = group_of == g
+        order = torch.sort(scores.float().masked_fill(~member, float("-inf")), dim=1, descending=True, stable=True).indices
+        ranked = torch.arange(n, device=scores.device)[None, :] < kept[:, g : g + 1]
+        chosen = torch.zeros_like(member).scatter_(1, order, ranked) & member
+        slot = torch.where(chosen, torch.cumsum(chosen.long(), dim=1) - 1 + out_starts[:, g : g + 1], width)
+        index.scatter_(1, slot, torch.where(chosen, positions, -1))
+    index = index[:, :width]
     gathered = features.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, features.shape[-1]))
     return gathered.masked_fill(index[..., None] < 0, 0), index, counts
 
