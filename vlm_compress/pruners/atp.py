@@ -194,6 +194,8 @@ class ATPPruner(PrefillPruner):
         return self.module().to(stats.device)(layer, stats).float()
 
     def after_layer(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
+        if bool((ctx.extras["atp_share"] >= 1.0).all()) and not self.soft:
+            return  # a full budget keeps every token: nothing to score
         s_self, s_cross = self.scores(ctx, attention)
         redundancy, spatial = (s_self + s_cross) / 2, ctx.extras["atp_spatial"]
         alive = ctx.alive & ctx.visual
