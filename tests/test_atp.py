@@ -136,3 +136,12 @@ def test_bad_configurations_name_the_fix(deep, tmp_path):
 def test_config_round_trips_through_json():
     config = ATPPruner(budget=0.33, heads=None, layers_of_32=(4, 12))
     assert MethodConfig.from_json(config.to_json()) == config
+
+
+def test_int_budget_above_the_token_count_keeps_everything(deep, batch, processor):
+    reference = deep(**batch).logits
+    compress(deep, budget=10 * N, method=ATPPruner(heads=None))
+    assert torch.equal(deep(**batch).logits, reference)
+    text_only = processor(text=["USER: hello ASSISTANT:"], return_tensors="pt")
+    deep(**text_only)  # no image in the prompt: every layer runs untouched
+    assert deep.compression.prefill.slots is None

@@ -184,3 +184,10 @@ def test_weight_deltas_restore_the_fine_tuned_model(tokenizer, tmp_path):
     loaded = load_pmod_model(out)
     for (name, p), q in zip(tuned.named_parameters(), loaded.parameters()):
         torch.testing.assert_close(q, p, atol=1e-4, rtol=0, msg=name)
+
+
+def test_int_budget_above_the_token_count_is_dense(deep, batch, tmp_path):
+    reference = deep(**batch).logits
+    compress(deep, budget=10 * N, method=PModPruner(routers=make_routers(tmp_path, seed=6)))
+    assert torch.equal(deep(**batch).logits, reference)
+    assert deep.compression.stats.layer_visual_tokens == [N] * LAYERS
