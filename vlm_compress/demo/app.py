@@ -9,6 +9,7 @@ Binds to 127.0.0.1 unless told otherwise; Gradio's analytics are off.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def build(model_path: str | None = None):
                                                 [float(b) for b in budgets or []])
         except DemoInputError as err:
             return f"**Error:** {err}", "", [], []
+        except Exception as err:  # a bug or an odd checkpoint: say so in the page, keep the server up
+            logging.getLogger(__name__).exception("demo run failed")
+            return f"**Error:** the run failed ({type(err).__name__}: {err})", "", [], []
         rows = [[o.method, o.budget, o.answer, round(o.prefill_ms, 1), o.visual_tokens, o.visual_tokens_full,
                  round(o.flops_percent, 1)] for o in outcomes]
         gallery = [(o.overlay, f"{o.method} @ {o.budget}: {o.answer}") for o in outcomes]
