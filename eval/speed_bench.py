@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm_compress import compress, list_methods, restore  # noqa: E402
 from vlm_compress.bench.run import method_arg  # noqa: E402
 from vlm_compress.bench.timing import PeakMemory, decode_ms_per_token, machine_description, timed  # noqa: E402
-from vlm_compress.stats import decode_flops, prefill_flops, vision_flops  # noqa: E402
+from vlm_compress.stats import decode_flops, kv_entry_bytes, prefill_flops, vision_flops  # noqa: E402
 from vlm_compress.testing import (  # noqa: E402
     BENCH_DIMS, LLAVA_7B_DIMS, build_llava, build_llava_next, build_next_processor, build_processor, build_tokenizer,
     random_images,
@@ -70,6 +70,7 @@ def main() -> None:
     image_kwargs = {"image_sizes": inputs["image_sizes"]} if anyres else {}
     n = args.new_tokens
     cfg = model.config
+    element = torch.finfo(dtype).bits // 8
     grid_tokens = int((inputs["input_ids"] == cfg.image_token_id).sum())  # visual tokens (newlines included)
     tower_images = inputs["pixel_values"].shape[1] if anyres else 1
     tower_tokens = (dims.image_size // dims.patch_size) ** 2 + 1
@@ -129,7 +130,7 @@ def main() -> None:
                                           flops_decode=decode_flops(layers * prompt_len + growth, cfg.text_config))
         else:
             s = model.compression.stats  # in-LLM methods: FLOPs over their per-layer token counts
-            entries = s.kv_cache_bytes / (2 * kv_entry_bytes(cfg.text_config, dtype))  # what decoding starts from
+            entries = s.kv_cache_bytes / kv_entry_bytes(cfg.text_config, element)  # what decoding starts from
             info[(method, budget)] = dict(visual_tokens=s.visual_tokens_kept, llm_tokens=s.prompt_tokens_llm, peak=mem.peak,
                                           layer_avg=s.layer_avg_visual_tokens, flops_llm=s.prefill_flops,
                                           flops_decode=decode_flops(entries + growth, cfg.text_config))
@@ -198,13 +199,6 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
     (RESULTS / f"{stem}.md").write_text(to_markdown(rows, machine, command))
     print(to_markdown(rows, machine, command))
-
-
-def kv_entry_bytes(text_config, dtype) -> int:
-    """Bytes of one cached K (or V) entry of one token in one layer."""
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    return kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
 def untrained_routers(text_config) -> str:

@@ -84,3 +84,16 @@ def ratio_budget_count(budget: float | int, visual: "torch.Tensor", images: "tor
         target = images.to(torch.float64) * budget * num_layers
     kept = torch.floor((target - dense_layers * visual) / (num_layers - dense_layers) + 0.5 + 1e-9)
     return torch.minimum(kept.clamp(min=0), visual).long()
+
+
+def visual_share(budget: float | int, visual: "torch.Tensor", images: "torch.Tensor") -> "torch.Tensor":
+    """[B] float64: the budget as a share of each sample's ``visual`` tokens (``images`` per sample).
+
+    Float: the budget itself. Int M (tokens per image): ``M·images / visual``, capped at 1.
+    """
+    import torch
+
+    visual = visual.to(torch.float64)
+    if isinstance(budget, float):
+        return torch.full_like(visual, budget)
+    return (budget * images.to(torch.float64) / visual.clamp(min=1)).clamp(max=1.0)

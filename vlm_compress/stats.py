@@ -89,11 +89,15 @@ def decode_flops(cached_tokens: float, text_config: Any) -> float:
     return fixed + 4.0 * d_q * cached_tokens
 
 
+def kv_entry_bytes(text_config: Any, element_size: int) -> int:
+    """Bytes of K and V of one token in one layer."""
+    _, _, d_kv, *_ = _text_dims(text_config)
+    return 2 * d_kv * element_size
+
+
 def kv_cache_bytes(tokens_per_layer: Sequence[Sequence[int]], text_config: Any, element_size: int) -> int:
     """Bytes of K and V cached after prefill for the non-padding tokens of each sample and layer."""
-    *_, head_dim = _text_dims(text_config)
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-    return int(sum(2 * n * kv_heads * head_dim * element_size for sample in tokens_per_layer for n in sample))
+    return int(sum(n for sample in tokens_per_layer for n in sample) * kv_entry_bytes(text_config, element_size))
 
 
 def prompt_costs(lengths: Sequence[int], text_config: Any, element_size: int) -> tuple[float, int]:

@@ -107,10 +107,17 @@ def kept_tokens(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return (ctx.alive[0] & visual)[visual].nonzero().squeeze(1), None
 
 
+def image_layout(model, processor, image: Image.Image):
+    """The :class:`~vlm_compress.adapters.base.TokenLayout` of ``image``'s visual tokens (one tower run)."""
+    inputs = _inputs(processor, image, "")
+    image_kwargs = {k: inputs[k] for k in ("image_sizes",) if k in inputs}
+    return get_adapter(model).encode_images(inputs["pixel_values"], **image_kwargs)[0].layout
+
+
 def run(model, processor, image: Image.Image, question: str, method: str, budget: float,
-        max_new_tokens: int = 8) -> Outcome:
+        max_new_tokens: int = 8, layout=None) -> Outcome:
     """Answer ``question`` about ``image`` with ``method`` (a bench spec such as ``fastv:layer=1``; ``"none"``:
-    uncompressed) at ``budget``."""
+    uncompressed) at ``budget``. ``layout``: the image's token layout, if already known (else computed)."""
     inputs = _inputs(processor, image, question)
     full = int((inputs["input_ids"] == get_adapter(model).image_token_id).sum())
     if method == "none":
@@ -124,8 +131,7 @@ def run(model, processor, image: Image.Image, question: str, method: str, budget
         kept, merged = kept_tokens(model)
     finally:
         restore(model)
-    image_kwargs = {k: inputs[k] for k in ("image_sizes",) if k in inputs}
-    layout = get_adapter(model).encode_images(inputs["pixel_values"], **image_kwargs)[0].layout
+    layout = layout if layout is not None else image_layout(model, processor, image)
     overlay = render_overlay(image, token_states(layout, kept, merged))
     return Outcome(method, budget, answer, prefill_ms, round(stats.layer_avg_visual_tokens), full,
                    100 * stats.flops_ratio, overlay)
@@ -141,11 +147,12 @@ def compare(model, processor, image, question: str, methods: list[str], budgets:
     if not methods or not budgets:
         raise DemoInputError("choose at least one method and one budget")
     reference = run(model, processor, image, question, "none", 1.0)
+    layout = image_layout(model, processor, image)
     outcomes, skipped = [], []
     for method in methods:
         for budget in budgets:
             try:
-                outcomes.append(run(model, processor, image, question, method, float(budget)))
+                outcomes.append(run(model, processor, image, question, method, float(budget), layout=layout))
             except ValueError as err:  # e.g. a budget FastV cannot reach on this LLM
                 skipped.append(f"{method} @ {budget}: {err}")
     notes = [note] + [f"Skipped {s}" for s in skipped]

@@ -46,11 +46,12 @@ from pathlib import Path
 
 import torch
 
+from ..budget import visual_share
 from ..modules.atp import ThresholdHeads
 from ..registry import register_method
 from .fastv import top_visual
 from .llm_base import PrefillContext, PrefillPruner, RowAttention
-from .mustdrop_llm import stage_keep_share
+from .mustdrop_llm import staged_counts
 
 EMBEDDED_HEADS = Path(__file__).resolve().parents[1] / "assets" / "tiny-llava-atp"
 
@@ -61,11 +62,13 @@ def load_heads(path: str) -> ThresholdHeads:
     return ThresholdHeads.load(path)
 
 
+@functools.lru_cache(maxsize=32)
 def lattice_order(n: int) -> torch.Tensor:
     """[n] spatial score in (0, 1] of each token of an image of ``n`` tokens in raster order: coarse lattice first.
 
     A square grid ranks cell (r, c) by the largest power of two dividing both r and c (0 counts as divisible by
-    all), then by raster index; other sizes rank the 1-D index the same way. Score = 1 − rank/n.
+    all), then by raster index; other sizes rank the 1-D index the same way. Score = 1 − rank/n. Cached: do not
+    modify the result.
     """
     g = math.isqrt(n)
     index = torch.arange(n)
@@ -75,24 +78,26 @@ def lattice_order(n: int) -> torch.Tensor:
         return torch.where(x == 0, 31, (x & -x).float().log2().round().long())
 
     level = torch.minimum(twos(rows), twos(cols))
-    order = sorted(range(n), key=lambda i: (-int(level[i]), i))
+    order = torch.argsort(-level * n + index)  # coarser level first, then raster index
     rank = torch.empty(n)
-    rank[torch.tensor(order)] = torch.arange(n, dtype=torch.float32)
+    rank[order] = torch.arange(n, dtype=torch.float32)
     return 1.0 - rank / n
 
 
 def spatial_scores(visual: torch.Tensor) -> torch.Tensor:
     """[B, S] :func:`lattice_order` of every contiguous run of visual tokens (one run per image), 0 elsewhere."""
-    out = torch.zeros(visual.shape, dtype=torch.float32)
-    for b, row in enumerate(visual.cpu().tolist()):
-        start = None
-        for j, v in enumerate(row + [False]):
-            if v and start is None:
-                start = j
-            elif not v and start is not None:
-                out[b, start:j] = lattice_order(j - start)
-                start = None
-    return out.to(visual.device)
+    b, s = visual.shape
+    position = torch.arange(s, device=visual.device).expand(b, s)
+    before = torch.cat([visual.new_zeros(b, 1), visual[:, :-1]], dim=1)
+    after = torch.cat([visual[:, 1:], visual.new_zeros(b, 1)], dim=1)
+    start = torch.where(visual & ~before, position, -1).cummax(dim=1).values  # first position of each token's run
+    end = torch.where(visual & ~after, position, s).flip(1).cummin(dim=1).values.flip(1)  # its last position
+    length, offset = end - start + 1, position - start
+    out = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
+    for n in length[visual].unique().tolist():  # one lookup per distinct image size
+        members = visual & (length == n)
+        out[members] = lattice_order(n).to(visual.device)[offset[members]]
+    return out
 
 
 def _normalised(score: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -153,28 +158,17 @@ class ATPPruner(PrefillPruner):
                 raise ValueError(f"the heads at {self.heads} cover layers {self.module().layers}; this LLM's ATP "
                                  f"layers are {list(layers)}: pass heads trained for it, or heads=None")
 
-    def _share(self, ctx: PrefillContext) -> torch.Tensor:
-        """[B] the budget as a share of each sample's visual tokens."""
-        visual = ctx.visual_alive.double()
-        if isinstance(self.budget, float):
-            return torch.full_like(visual, self.budget)
-        return (self.budget * ctx.images.double() / visual.clamp(min=1)).clamp(max=1.0)
-
     def start(self, ctx: PrefillContext) -> None:
         ctx.extras["atp_spatial"] = spatial_scores(ctx.visual)
-        ctx.extras["atp_share"] = self._share(ctx)
+        ctx.extras["atp_share"] = visual_share(self.budget, ctx.visual_alive, ctx.images)
         ctx.extras["atp_stage"] = 0
         if self.soft:
             ctx.extras["atp_soft"] = torch.ones(ctx.visual.shape, device=ctx.visual.device)
             ctx.extras["atp_soft_after"] = {}
         if self.heads is None:
             first_drop = [layer + 1 for layer in self.scoring_layers(ctx.num_layers)]
-            visual = ctx.visual_alive.tolist()
-            counts = []
-            for n, share in zip(visual, ctx.extras["atp_share"].tolist()):
-                rho = stage_keep_share(share, first_drop, ctx.num_layers)
-                counts.append([int(n * rho ** (i + 1) + 0.5) for i in range(len(first_drop))])
-            ctx.extras["atp_counts"] = torch.tensor(counts, device=ctx.visual.device).reshape(len(counts), -1)
+            ctx.extras["atp_counts"] = staged_counts(ctx.visual_alive, ctx.extras["atp_share"], first_drop,
+                                                     ctx.num_layers)
 
     def scores(self, ctx: PrefillContext, attention: RowAttention) -> tuple[torch.Tensor, torch.Tensor]:
         """(S_self, S_cross), each [B, S] in [0, 1] over the alive visual tokens (0 elsewhere)."""

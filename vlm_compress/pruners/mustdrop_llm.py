@@ -27,6 +27,7 @@ import dataclasses
 
 import torch
 
+from ..budget import visual_share
 from ..registry import register_method
 from ..stages.decode import keep_slots
 from .fastv import top_visual
@@ -50,6 +51,16 @@ def stage_keep_share(budget: float, first_drop: list[int], num_layers: int) -> f
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if layer_average(mid) < budget else (lo, mid)
     return (lo + hi) / 2
+
+
+def staged_counts(visual: torch.Tensor, shares: torch.Tensor, first_drop: list[int], num_layers: int) -> torch.Tensor:
+    """[B, stages] visual tokens each stage keeps so the layer average is each sample's share (``visual`` [B],
+    ``shares`` [B]): every stage keeps :func:`stage_keep_share` of the previous one's tokens."""
+    counts = []
+    for n, share in zip(visual.tolist(), shares.tolist()):
+        rho = stage_keep_share(share, first_drop, num_layers)
+        counts.append([int(n * rho ** (i + 1) + 0.5) for i in range(len(first_drop))])
+    return torch.tensor(counts, device=visual.device, dtype=torch.long).reshape(len(counts), len(first_drop))
 
 
 @register_method("mustdrop_llm")
@@ -98,12 +109,8 @@ class MustDropLLMPruner(PrefillPruner):
             return
         visual = ctx.visual_alive
         first_drop = [layer + 1 for layer in self.scoring_layers(ctx.num_layers)]
-        counts = []
-        for n, images in zip(visual.tolist(), ctx.images.tolist()):
-            share = self.budget if isinstance(self.budget, float) else min(1.0, self.budget * images / max(n, 1))
-            rho = stage_keep_share(share, first_drop, ctx.num_layers)
-            counts.append([int(n * rho ** (i + 1) + 0.5) for i in range(len(first_drop))])
-        ctx.extras["mustdrop_counts"] = torch.tensor(counts, device=visual.device).reshape(len(counts), len(first_drop))
+        shares = visual_share(self.budget, visual, ctx.images)
+        ctx.extras["mustdrop_counts"] = staged_counts(visual, shares, first_drop, ctx.num_layers)
         ctx.extras["mustdrop_stage"] = 0
 
     def after_layer(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:

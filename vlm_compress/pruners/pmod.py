@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..budget import visual_share
 from ..modules.pmod import TokenRouters, router_factor_for, shifted_cos_ratios, tanh_norm
 from ..registry import register_method
 from .fastv import top_visual
@@ -115,8 +116,7 @@ class PModPruner(PrefillPruner):
 
     def start(self, ctx: PrefillContext) -> None:
         rows = []
-        for visual, images in zip(ctx.visual_alive.tolist(), ctx.images.tolist()):
-            share = self.budget if isinstance(self.budget, float) else min(1.0, self.budget * images / max(visual, 1))
+        for share in visual_share(self.budget, ctx.visual_alive, ctx.images).tolist():
             schedule = self.schedule(ctx.num_layers, share)
             self._check_schedule(schedule, ctx.num_layers)
             rows.append([float("nan") if r is None else r for r in schedule])
@@ -127,10 +127,11 @@ class PModPruner(PrefillPruner):
         if bool(ratio.isnan().all()):
             return None
         targets = ctx.visual & ctx.valid
-        routes = ~ratio.isnan().to(hidden.device)  # samples whose schedule routes this layer
+        ratio = ratio.to(hidden.device)
+        routes = ~ratio.isnan()  # samples whose schedule routes this layer
         logits = self.module().to(hidden.device)(layer, hidden)  # [B, S]
-        count = torch.floor(targets.sum(dim=1).double().cpu() * ratio.nan_to_num(1.0)).long()  # official: trunc
-        chosen = top_visual(logits.detach().float(), targets, count.to(hidden.device))
+        count = torch.floor(targets.sum(dim=1).double() * ratio.nan_to_num(1.0)).long()  # official: trunc
+        chosen = top_visual(logits.detach().float(), targets, count)
         weights = tanh_norm(logits, self.weight_scale)
         ctx.extras["pmod_weights"] = torch.where(targets & routes[:, None], weights, torch.ones_like(weights))
         return torch.where(routes[:, None], chosen, targets) | ~ctx.visual

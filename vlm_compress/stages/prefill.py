@@ -25,7 +25,7 @@ from torch import nn
 from ..llm_attention import check_decoder_layer, project_keys, project_queries, row_attention
 from ..patching import patch_method, unpatch_all
 from ..pruners.llm_base import PrefillContext, PrefillPruner
-from ..stats import CompressionStats, kv_cache_bytes, prefill_flops, prompt_costs
+from ..stats import CompressionStats, kv_cache_bytes, kv_entry_bytes, prefill_flops, prompt_costs
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -280,6 +280,15 @@ class PrefillStage:
         layer = self.layers[i]
         cache = kwargs.get("past_key_values")
         s = hidden.shape[1]
+        keys_of_layer: list[torch.Tensor] = []  # computed on first use, shared by every call at this layer
+
+        def layer_keys() -> torch.Tensor:
+            if not keys_of_layer:
+                if kwargs.get("use_cache") and getattr(cache, "layers", None) is not None:
+                    keys_of_layer.append(cache.layers[i].keys)
+                else:
+                    keys_of_layer.append(project_keys(layer, layer_hidden, layer_cos, layer_sin))
+            return keys_of_layer[0]
 
         def attention(rows: torch.Tensor) -> torch.Tensor:
             index, real = pack(rows, dummy=s)
@@ -287,10 +296,7 @@ class PrefillStage:
             q_cos = _gather_rows(_with_dummy(cos), index)
             q_sin = _gather_rows(_with_dummy(sin), index)
             queries = project_queries(layer, _gather_rows(_with_dummy(hidden), index), q_cos, q_sin)
-            if kwargs.get("use_cache") and getattr(cache, "layers", None) is not None:
-                keys = cache.layers[i].keys
-            else:
-                keys = project_keys(layer, layer_hidden, layer_cos, layer_sin)
+            keys = layer_keys()
             query_positions = torch.where(real, index, -1)
             allowed = self.slots.allowed(i, query_positions) & real[:, :, None]
             probs = row_attention(layer, queries, keys, allowed)  # [B, R, K]
@@ -317,11 +323,8 @@ class PrefillStage:
         """Bytes of K and V now held for non-padding tokens, over all layers and samples."""
         if self.slots is None or any(p is None for p in self.slots.positions):
             return 0
-        text = self.adapter.text_config
-        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         tokens = sum(int(self.slots.cached_tokens(i).sum()) for i in range(len(self.layers)))
-        return 2 * tokens * kv_heads * head_dim * element_size
+        return tokens * kv_entry_bytes(self.adapter.text_config, element_size)
 
     def stats(self, base: CompressionStats | None, element_size: int) -> CompressionStats | None:
         """The last prefill's stats: ``base`` (the encoder stage's, if any) with the in-LLM costs filled in."""
