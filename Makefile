@@ -1,16 +1,22 @@
-# `make bench` / `make test` work on a fresh machine: each sets up ./.venv first (tools/setup_env.sh).
+# `make bench` / `make test` work on a fresh machine: each sets up ./.venv first from the lock
+# (requirements/lock-cpu.txt, tools/setup_env.sh).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,bench,lmms,demo
+OLDEST_VENV ?= .venv-oldest
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
-.PHONY: setup browser example demo test bench bench-quick bench-speed train-embedded train-matryoshka train-in-llm
+.PHONY: setup browser example demo test test-oldest check-latest lock bench bench-quick bench-speed train-embedded \
+	train-matryoshka train-in-llm
 
 setup:
-	EXTRAS=$(EXTRAS) bash tools/setup_env.sh
+	VENV=$(VENV) bash tools/setup_env.sh
+
+# The exact versions setup installs, re-resolved inside pyproject.toml's ranges (README, "Dependencies").
+lock:
+	bash tools/lock.sh
 
 # Debian chromium for the demo's browser test (tests/test_demo_browser.py), when missing and apt is usable
 browser:
@@ -24,6 +30,16 @@ demo: setup
 
 test: setup browser
 	$(PY) -m pytest -q
+
+# The second CI lane: the whole suite in another venv, the lock with the oldest supported transformers.
+test-oldest: browser
+	VENV=$(OLDEST_VENV) OVERRIDES=requirements/oldest.txt bash tools/setup_env.sh
+	$(OLDEST_VENV)/bin/python -m pytest -q
+
+# The drift alarm: the newest release of every dependency in a throwaway venv, the suite, a one-screen summary
+# (also written to eval/results/check_latest.md).
+check-latest:
+	python3 tools/check_latest.py
 
 bench: setup
 	$(PY) -m vlm_compress.bench

@@ -8,6 +8,7 @@ import torch
 from vlm_compress import compress
 from vlm_compress.bench.data import ASSETS, EMBEDDED_MODELS, answer_prior, jsonl_items, shapes_items, task_for
 from vlm_compress.bench.run import main
+from vlm_compress.bench.run import measure as measure_row
 from vlm_compress.bench.task import ANSWERS
 
 TINY = ASSETS / "tiny-llava"
@@ -186,3 +187,75 @@ def test_shipped_atp_heads_track_the_budget(shipped):
             restore(model)
     assert shares[0.7] > shares[0.35] and abs(shares[0.35] - 0.35) < 0.1
     assert ATPPruner().scoring_layers(4) == (0, 1, 2)
+
+
+# -- a bench that loses nothing ---------------------------------------------------------------------------------
+
+
+def quick_args(stem, *extra):
+    return ["--quick", "--model", str(TINY), "--out", str(stem), "--samples", "6", "--batch-size", "6",
+            "--repeats", "1", *extra]
+
+
+def counting_measure(monkeypatch, fail=(), interrupt_after=None):
+    """Replace the bench's per-row measurement: count calls, raise for the ``fail`` methods, or stop the process
+    (KeyboardInterrupt) once ``interrupt_after`` rows have been measured."""
+    from vlm_compress.bench import run as bench
+
+    calls = []
+
+    def measure(runner, method, budget, repeats):
+        if interrupt_after is not None and len(calls) == interrupt_after:
+            raise KeyboardInterrupt
+        calls.append((method, budget))
+        if method in fail:
+            raise RuntimeError(f"{method} broke")
+        return measure_row(runner, method, budget, repeats)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    return calls
+
+
+def test_a_failing_row_is_recorded_and_the_run_goes_on_then_exits_nonzero(tmp_path, monkeypatch):
+    stem = tmp_path / "bench"
+    calls = counting_measure(monkeypatch, fail={"random"})
+    with pytest.raises(SystemExit, match=r"(?s)2 benchmark row\(s\) failed.*random @ 1.0 \(RuntimeError: random broke\)"):
+        main(quick_args(stem))
+    assert calls == [("none", 1.0), ("random", 1.0), ("random", 0.22), ("pool", 1.0), ("pool", 0.22)]
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert [(r["method"], r["budget"]) for r in result["rows"]] == [("none", 1.0), ("pool", 1.0), ("pool", 0.22)]
+    assert [(e["method"], e["budget"], e["error"]) for e in result["errors"]] == [
+        ("random", 1.0, "RuntimeError: random broke"), ("random", 0.22, "RuntimeError: random broke")]
+    assert "random @ 0.22: `RuntimeError: random broke`" in stem.with_suffix(".md").read_text()
+    assert [r["agreement"] for r in result["rows"] if r["budget"] == 1.0] == [1.0, 1.0]
+
+
+def test_resume_runs_only_the_rows_not_yet_measured(tmp_path, monkeypatch):
+    stem = tmp_path / "bench"
+    counting_measure(monkeypatch, interrupt_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        main(quick_args(stem))
+    lines = [json.loads(line) for line in stem.with_suffix(".rows.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["budget"]) for r in lines[1:]] == [("none", 1.0), ("random", 1.0), ("random", 0.22)]
+    assert not stem.with_suffix(".json").exists()
+
+    calls = counting_measure(monkeypatch, fail={"pool"})
+    with pytest.raises(SystemExit):
+        main(quick_args(stem, "--resume"))
+    assert calls == [("pool", 1.0), ("pool", 0.22)]  # the three finished rows are kept
+
+    calls = counting_measure(monkeypatch)
+    main(quick_args(stem, "--resume"))  # only the failed rows run again; exit status 0
+    assert calls == [("pool", 1.0), ("pool", 0.22)]
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert len(result["rows"]) == 5 and result["errors"] == []
+
+
+def test_resume_refuses_rows_written_with_other_settings(tmp_path, monkeypatch, capsys):
+    stem = tmp_path / "bench"
+    counting_measure(monkeypatch, interrupt_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        main(quick_args(stem))
+    with pytest.raises(SystemExit):
+        main(quick_args(stem, "--resume", "--max-new-tokens", "3"))
+    assert "other settings (max_new_tokens differ): delete it, or drop --resume" in capsys.readouterr().err

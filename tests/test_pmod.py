@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_batch_equals_single
 
-from vlm_compress import compress
+from vlm_compress import compat, compress
 from vlm_compress.config import MethodConfig
 from vlm_compress.modules.pmod import (
     TokenRouters, load_pmod_model, router_factor_for, save_deltas, shifted_cos_ratios, tanh_norm,
@@ -129,11 +129,11 @@ def test_cached_decode_equals_full_recompute(deep, batch, tmp_path):
     # routing depends only on the prompt's causal hidden states, so a full recompute routes the same way
     compress(deep, method=PModPruner(routers=make_routers(tmp_path, seed=3), ratios=(None, 0.5, 0.25, 0.25)))
     out = deep(**batch, use_cache=True)
-    ids, mask, cache = batch["input_ids"], batch["attention_mask"], out.past_key_values
+    ids, mask, cache = batch["input_ids"], batch["attention_mask"], compat.cache_of_output(out)
     for _ in range(3):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-        out = deep(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = deep(input_ids=token, attention_mask=mask, use_cache=True, **{compat.CACHE_ARGUMENT: cache})
     full = deep(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], use_cache=False)
     torch.testing.assert_close(out.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-4)
 

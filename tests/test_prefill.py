@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import single
 
-from vlm_compress import compress, restore
+from vlm_compress import compat, compress, restore
 from vlm_compress.budget import ratio_budget_count
 from vlm_compress.pruners.fastv import FastVPruner, fastv_keep_fraction
 from vlm_compress.pruners.llm_base import PrefillPruner
@@ -68,22 +68,24 @@ def test_plan_keeping_everything_is_identity(deep, batch, config):
     assert deep.compression.stats.layer_visual_tokens == [N] * LAYERS
 
 
-def test_cached_decode_equals_full_recompute(deep, batch):
+# transformers 5.24 renamed the cache argument to `cache` (the old name still works there, deprecated)
+@pytest.mark.parametrize("argument", sorted({"past_key_values", compat.CACHE_ARGUMENT}))
+def test_cached_decode_equals_full_recompute(deep, batch, argument):
     compress(deep, method=EveryNth(budget=0.5))
     out = deep(**batch, use_cache=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    cache = out.past_key_values
+    cache = compat.cache_of_output(out)
     for _ in range(3):  # three cached steps
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-        out = deep(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = deep(input_ids=token, attention_mask=mask, use_cache=True, **{argument: cache})
     full = deep(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], use_cache=False)
     torch.testing.assert_close(out.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_each_layer_caches_what_it_processed(deep, batch):
     compress(deep, method=EveryNth(budget=0.5))
-    cache = deep(**batch, use_cache=True).past_key_values
+    cache = compat.cache_of_output(deep(**batch, use_cache=True))
     width = batch["input_ids"].shape[1]
     valid = batch["attention_mask"].sum(dim=1)
     slots = deep.compression.prefill.slots
@@ -276,6 +278,30 @@ def test_h2o_batch_equals_single(deep, processor, images, batch):
         torch.testing.assert_close(out.logits[-1][i], one.logits[-1][0], rtol=1e-4, atol=1e-4)
 
 
+def test_h2o_batch_with_different_image_counts_equals_single(deep, processor, images):
+    """Rows holding two images and one: each row evicts its own visual slots, and every decode step's logits equal
+    the row's alone (a cache argument the engine does not see gives silently wrong logits here)."""
+    from vlm_compress.stats import kv_entry_bytes
+
+    texts = ["USER: <image> and <image>\nwhat color is the square ? ASSISTANT:", "USER: <image>\nhow many ? ASSISTANT:"]
+    per_row = [[images[0], images[1]], [images[2]]]
+    batch = processor(images=per_row[0] + per_row[1], text=texts, return_tensors="pt", padding=True)
+    compress(deep, budget=0.25, method="h2o")
+    steps = 4
+    out = greedy(deep, batch, steps)
+    for layer in range(LAYERS):
+        assert cached_visual(deep, layer).tolist() == [8, 4]  # a quarter of 2 × 16 and of 16
+    stats = deep.compression.stats
+    generated = (steps - 1) * 2 * LAYERS * kv_entry_bytes(deep.config.text_config, 4)  # the last token is not fed
+    assert stats.kv_cache_bytes_decode - stats.kv_cache_bytes == generated
+    width = batch["input_ids"].shape[1]
+    for i in range(2):
+        one = greedy(deep, processor(images=per_row[i], text=[texts[i]], return_tensors="pt"), steps)
+        assert torch.equal(out.sequences[i, width:], one.sequences[0, -steps:])
+        for step in range(steps):
+            torch.testing.assert_close(out.logits[step][i], one.logits[step][0], rtol=1e-4, atol=1e-4)
+
+
 # -- MustDrop stages 2 and 3 ---------------------------------------------------------------------------------------
 
 
@@ -311,7 +337,7 @@ def test_mustdrop_budget_mode_meets_the_layer_average(deep, batch):
     rho = stage_keep_share(0.5, [1, 2, 3], 4)
     assert abs((1 + rho + rho**2 + rho**3) / 4 - 0.5) < 1e-9
     compress(deep, method=MustDropLLMPruner(budget=0.5))
-    cache = deep(**batch, use_cache=True).past_key_values
+    cache = compat.cache_of_output(deep(**batch, use_cache=True))
     stats = deep.compression.stats
     assert abs(stats.layer_avg_visual_tokens - 0.5 * N) <= 0.5  # per-stage rounding
     first = deep.compression.config.scoring_layers(LAYERS)[0]

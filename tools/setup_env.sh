@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# Create ./.venv and install vlm-compress with the extras in $EXTRAS (default: test).
-# torch comes first: an existing torch (e.g. a CUDA build on a GPU box) is kept and pinned; where none is
-# installed, torch==2.13.0 (the CPU build on these machines). The pin stops pip from replacing torch with the
-# newest CUDA wheel when a dependency asks for torch.
+# Create $VENV (default ./.venv) and install the tested set: requirements/lock-cpu.txt, exact versions, no resolver
+# (`pip install --no-deps`), then vlm-compress itself (editable) and the torchvision CPU shim; `pip check` must pass.
+#   OVERRIDES=FILE   install these pins over the lock (the oldest-versions lane: requirements/oldest.txt)
+# An installed torch of another version (e.g. a CUDA build on a GPU box) is kept, and the lock's torch skipped.
+# Idempotent: re-running it on an existing venv moves it to the lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-test}
+LOCK=${LOCK:-requirements/lock-cpu.txt}
+OVERRIDES=${OVERRIDES:-}
 [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
 PY="$VENV/bin/python"
-if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
+REQS=$(mktemp)
+trap 'rm -f "$REQS"' EXIT
+locked_torch=$(sed -n 's/^torch==//p' "$LOCK")
+have_torch=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null || true)
+if [ -n "$have_torch" ] && [ "$have_torch" != "$locked_torch" ]; then
+  echo "keeping the installed torch $have_torch (the lock was tested with $locked_torch)"
+  grep -v '^torch==' "$LOCK" > "$REQS"
+else
+  cp "$LOCK" "$REQS"
 fi
-"$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > constraints.txt
-"$PY" -m pip install --quiet -c constraints.txt -e ".[${EXTRAS}]" 2>&1 | grep -v "^WARNING: Location" || true
+filter() { grep -v "^WARNING: Location" || true; }
+"$PY" -m pip install --quiet --no-deps -r "$REQS" 2>&1 | filter
+if [ -n "$OVERRIDES" ]; then
+  "$PY" -m pip install --quiet --no-deps -r "$OVERRIDES" 2>&1 | filter
+fi
+"$PY" -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | filter
 "$PY" -m pip check
 "$PY" tools/torchvision_cpu_shim.py
 "$PY" -c "import torch, transformers, vlm_compress; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vlm_compress', vlm_compress.__version__)"

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import pruners  # noqa: F401  (registers the built-in methods)
+from . import compat, pruners  # noqa: F401  (registers the built-in methods)
 from .adapters import Adapter, get_adapter
 from .budget import validate_budget
 from .config import MethodConfig
@@ -164,7 +164,7 @@ def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs |
     """Compress the inputs of one call in place in ``call``; ``None`` (and ``call`` untouched) if not applicable."""
     pixel_values = call.get("pixel_values")
     input_ids = call.get("input_ids")
-    if state.encoder is None or pixel_values is None or call.get("mm_encoder_outputs") is not None:
+    if state.encoder is None or pixel_values is None or call.get(compat.MM_ENCODER_OUTPUTS) is not None:
         return None
     if input_ids is None:
         raise ValueError(
@@ -182,15 +182,10 @@ def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs |
     )
     if rewritten is None:
         return None
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     for key in ("pixel_values", *_IMAGE_KWARGS):
         call.pop(key, None)
-    call.update(
-        input_ids=rewritten.input_ids,
-        attention_mask=rewritten.attention_mask,
-        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=rewritten.image_features)},
-    )
+    call.update(input_ids=rewritten.input_ids, attention_mask=rewritten.attention_mask)
+    call.update(compat.encoded_images(rewritten.image_features))
     if rewritten.labels is not None:
         call["labels"] = rewritten.labels
     if rewritten.position_ids is not None:
@@ -206,8 +201,7 @@ def _compressed_forward(state: CompressionState, original: Any):
         bound = signature.bind(*args, **kwargs)
         call = {k: v for k, v in bound.arguments.items() if k != "kwargs"}
         call.update(bound.arguments.get("kwargs", {}))
-        cache = call.get("past_key_values")
-        cached = cache.get_seq_length() if cache is not None else 0
+        cached = compat.cache_length(compat.cache_of_call(call))
         if cached == 0:
             _rewrite(state, call)
         if state.prefill is None:
@@ -245,14 +239,15 @@ def _run_in_llm(state: CompressionState, original: Any, call: dict[str, Any], ca
         # layer 0's cache length is not the sequence length once caches are pruned: give every layer the true one
         positions = stage.slots.length + torch.arange(new, device=tokens.device)
         call["position_ids"] = positions.unsqueeze(0).expand(tokens.shape[0], -1)
-    protected = _protected_mask(state, input_ids) if call.get("mm_encoder_outputs") is not None else None
+    encoded = call.get(compat.MM_ENCODER_OUTPUTS) is not None
+    protected = _protected_mask(state, input_ids) if encoded else None
     stage.begin(input_ids, call.get("attention_mask"), cached, protected)
     out = original(**call)
     if not cached and stage.record is not None:
         dtype = next(stage.layers[0].parameters()).dtype
-        base = state.stats if call.get("mm_encoder_outputs") is not None else None  # the encoder's, this prompt
+        base = state.stats if encoded else None  # the encoder's, this prompt
         state.stats = stage.stats(base, torch.finfo(dtype).bits // 8)
-    stage.end(new, getattr(out, "past_key_values", None))
+    stage.end(new, compat.cache_of_output(out))
     if state.stats is not None and stage.policies and stage.slots is not None:
         element = torch.finfo(next(stage.layers[0].parameters()).dtype).bits // 8
         state.stats.kv_cache_bytes_decode = stage.cache_bytes(element)

@@ -152,11 +152,12 @@ def build_llava_next(tokenizer=None, dims: LlavaDims | None = None, seed: int = 
 def build_processor(tokenizer=None, dims: LlavaDims | None = None):
     """A stock ``LlavaProcessor`` (PIL image backend) whose ``<image>`` expands to the full patch count."""
     from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from .compat import pil_image_processor
 
     dims = dims or LlavaDims()
     size = dims.image_size
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    image_processor = pil_image_processor("clip")(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return _processor(LlavaProcessor, image_processor, tokenizer, dims)
 
 
@@ -173,11 +174,12 @@ def _processor(cls, image_processor, tokenizer, dims: LlavaDims):
 def build_next_processor(tokenizer=None, dims: LlavaDims | None = None, pinpoints: list[list[int]] | None = None):
     """A stock ``LlavaNextProcessor`` (PIL image backend) matching :func:`build_llava_next`."""
     from transformers import LlavaNextProcessor
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from .compat import pil_image_processor
 
     dims = dims or LlavaDims()
     size = dims.image_size
-    image_processor = LlavaNextImageProcessorPil(
+    image_processor = pil_image_processor("llava_next")(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_grid_pinpoints=pinpoints or anyres_pinpoints(dims),
     )

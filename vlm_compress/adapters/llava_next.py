@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .. import compat
 from .base import OUTSIDE, ImageBatch, TokenLayout
 from .llava import LlavaAdapter, ProjectorInput
 
@@ -23,11 +24,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def encode_images(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> list[ImageBatch]:
         """One single-image :class:`ImageBatch` per image (AnyRes layouts differ with the aspect ratio)."""
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-        )
-
+        get_anyres_image_grid_shape, image_size_to_num_patches = compat.anyres_helpers()
         image_sizes = image_kwargs.get("image_sizes")
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT inputs need image_sizes; pass everything the processor returns")

@@ -5,6 +5,9 @@
     python -m vlm_compress.bench --model PATH --dataset items.jsonl --prompt "USER: <image>\\n{question} ASSISTANT:"
 
 Writes ``<out>.json``, ``<out>.md`` and ``<out>_accuracy.png`` / ``<out>_prefill.png`` under ``eval/results/``.
+Each row is appended to ``<out>.rows.jsonl`` the moment it finishes, so an interrupted run keeps what it measured
+and ``--resume`` continues it; a row that raises is recorded as an error row, the run goes on, and the command exits
+non-zero at the end naming the failed rows.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import dataclasses
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any
-
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -27,6 +30,7 @@ from ..modules.pmod import is_pmod_checkpoint, load_pmod_model, pmod_base
 from ..pruners.pmod import EMBEDDED_ROUTERS
 from ..stats import prompt_costs
 from .data import ASSETS, EMBEDDED_MODELS, Item, answer_prior, jsonl_items, shapes_items, task_for
+from .rowlog import RowLog, SettingsMismatch
 from .timing import PeakMemory, decode_ms_per_token, machine_description, timed
 
 BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
@@ -173,11 +177,66 @@ class Runner:
         return t_prefill * 1e3, decode_ms_per_token(gen, self.device, new_tokens, repeats), mem.peak / 2**20
 
 
-def run(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
+def _settings(args: argparse.Namespace, model_path: Path, samples: int) -> dict[str, Any]:
+    """What must match for rows of two runs to sit in one table (``--resume``)."""
+    return {
+        "model": str(Path(model_path).resolve()), "dataset": args.dataset, "samples": samples, "prompt": args.prompt,
+        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+        "device": args.device, "dtype": args.dtype, "threads": args.threads,
+    }
+
+
+def _uncompress(model) -> None:
+    """Undo whatever a failed row left attached, so the next row starts from the untouched model."""
+    if "compression" in model.__dict__:
+        restore(model)
+
+
+def measure(runner: Runner, method: str, budget: float, repeats: int) -> dict[str, Any]:
+    """One (method, budget): answers, summed costs and timings, as a JSON-able record."""
+    model = runner.model
+    if method != "none":
+        stack, options = method_arg(method, budget)
+        compress(model, method=stack, **options)
+    try:
+        answers, totals = runner.answers()
+        prefill_ms, decode_ms, peak = runner.speed(repeats)
+    finally:
+        _uncompress(model)
+    return {"method": method, "budget": budget, "answers": answers, "totals": totals, "prefill_ms": prefill_ms,
+            "decode_ms_per_token": decode_ms, "peak_mem_mb": peak}
+
+
+def to_row(record: dict[str, Any], reference: dict[str, Any], items: list[Item]) -> Row:
+    """The table row of a measured record, scored against the items and the uncompressed ``reference``."""
+    answers, totals, n = record["answers"], record["totals"], len(items)
+    correct = [is_correct(a, i.answer) for a, i in zip(answers, items)]
+    accuracy = sum(correct) / n
+    per_type: dict[str, list[int]] = {}
+    for ok, item in zip(correct, items):
+        per_type.setdefault(item.qtype, []).append(ok)
+    full = sum(is_correct(a, i.answer) for a, i in zip(reference["answers"], items)) / n
+    return Row(
+        method=record["method"], budget=record["budget"], accuracy=accuracy,
+        accuracy_retained=100 * accuracy / full if full else 100.0,
+        agreement=sum(a == r for a, r in zip(answers, reference["answers"])) / n,
+        llm_visual_tokens=totals["visual_tokens_kept"] / totals["images"],
+        layer_avg_visual_tokens=totals["layer_avg"] / totals["images"],
+        prefill_ms=record["prefill_ms"], decode_ms_per_token=record["decode_ms_per_token"],
+        prefill_gflops=totals["prefill_flops"] / n / 1e9, kv_cache_mb=totals["kv_cache_bytes"] / n / 2**20,
+        select_ms=totals["select_ms"] / totals["images"] if record["method"] != "none" else 0.0,
+        peak_mem_mb=record["peak_mem_mb"], per_type={k: sum(v) / len(v) for k, v in sorted(per_type.items())},
+    )
+
+
+def run(args: argparse.Namespace, model_path: Path, stem: Path) -> dict[str, Any]:
+    """Every (method, budget) on one model. Each finished row goes to ``<stem>.rows.jsonl`` at once; a row that
+    raises is recorded as an error row and the run goes on (``result["errors"]``)."""
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model, processor = load_model(model_path, device, dtype)
     samples = args.samples or (120 if get_adapter(model).anyres else 400)
+    log = RowLog(stem.with_suffix(".rows.jsonl"), _settings(args, model_path, samples), resume=args.resume)
     if args.dataset:
         items = jsonl_items(args.dataset, samples)
         prior = answer_prior(items, items)
@@ -193,61 +252,49 @@ def run(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
     if is_pmod_checkpoint(model_path):  # its own routers, first
         own = "pmod" if Path(model_path).resolve() == EMBEDDED_ROUTERS.resolve() else f"pmod:routers={str(model_path)!r}"
         methods = [own, *(m for m in methods if m.split(":")[0] != "pmod")]
-    configs, skipped = [("none", 1.0)], {}
+    configs, skipped, errors = [("none", 1.0)], {}, []
     for spec in methods:
         for budget in args.budgets:
-            method, options = method_arg(spec, budget)
             try:  # e.g. AnyRes-only methods on LLaVA-1.5, weights trained for another model, FastV below K/L
+                method, options = method_arg(spec, budget)
                 restore(compress(model, method=method, **options))
                 configs.append((spec, budget))
             except ValueError as err:
                 skipped.setdefault(spec, {"reason": str(err), "budgets": []})["budgets"].append(budget)
+            except Exception as err:  # noqa: BLE001 — a broken method is a failed row, not a failed run
+                _uncompress(model)
+                errors.append(log.add_error(spec, budget, err))
     for spec, why in skipped.items():
         print(f"skipping {spec} @ {why['budgets']} on {Path(model_path).name}: {why['reason']}", file=sys.stderr)
     progress = _progress(len(configs))
-    rows: list[Row] = []
-    reference: list[str] = []
+    records = {}
     for method, budget in configs:
-        if method != "none":
-            stack, options = method_arg(method, budget)
-            compress(model, method=stack, **options)
-        try:
-            answers, totals = runner.answers()
-            prefill_ms, decode_ms, peak = runner.speed(args.repeats)
-        finally:
-            if method != "none":
-                restore(model)
-        if method == "none":
-            reference = answers
-        correct = [is_correct(a, i.answer) for a, i in zip(answers, items)]
-        accuracy = sum(correct) / len(items)
-        per_type: dict[str, list[int]] = {}
-        for ok, item in zip(correct, items):
-            per_type.setdefault(item.qtype, []).append(ok)
-        n = len(items)
-        rows.append(Row(
-            method=method, budget=budget, accuracy=accuracy,
-            accuracy_retained=100 * accuracy / rows[0].accuracy if rows and rows[0].accuracy else 100.0,
-            agreement=sum(a == r for a, r in zip(answers, reference)) / n,
-            llm_visual_tokens=totals["visual_tokens_kept"] / totals["images"],
-            layer_avg_visual_tokens=totals["layer_avg"] / totals["images"],
-            prefill_ms=prefill_ms, decode_ms_per_token=decode_ms,
-            prefill_gflops=totals["prefill_flops"] / n / 1e9, kv_cache_mb=totals["kv_cache_bytes"] / n / 2**20,
-            select_ms=totals["select_ms"] / totals["images"] if method != "none" else 0.0,
-            peak_mem_mb=peak, per_type={k: sum(v) / len(v) for k, v in sorted(per_type.items())},
-        ))
-        progress(f"{method} @ {budget}: acc {accuracy:.3f}")
+        record = log.done(method, budget)
+        if record is None:
+            try:
+                record = measure(runner, method, budget, args.repeats)
+            except Exception as err:
+                if method == "none":
+                    raise  # without the uncompressed reference no row can be scored
+                traceback.print_exc()
+                errors.append(log.add_error(method, budget, err))
+                progress(f"{method} @ {budget}: FAILED ({type(err).__name__})")
+                continue
+            log.add(record)
+        records[(method, budget)] = record
+        progress(f"{method} @ {budget}: acc {to_row(record, records[('none', 1.0)], items).accuracy:.3f}")
     progress(None)
 
-    result = {
+    reference = records[("none", 1.0)]
+    return {
         "command": "python -m vlm_compress.bench " + " ".join(sys.argv[1:]),
         "model": str(model_path), "dataset": args.dataset or "ShapesVQA test split",
         "samples": len(items), "answer_prior": prior, "answer_prior_note": prior_note,
         "machine": {**machine_description(device), "dtype": args.dtype},
-        "rows": [dataclasses.asdict(r) for r in rows],
+        "rows": [dataclasses.asdict(to_row(r, reference, items)) for r in records.values()],
         "skipped_methods": skipped,
+        "errors": errors,
     }
-    return result
 
 
 def _progress(total: int):
@@ -296,6 +343,9 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{r['decode_ms_per_token']:.2f} | {r['prefill_gflops']:.3f} | {r['kv_cache_mb']:.3f} | {r['select_ms']:.2f} | "
             f"{r['peak_mem_mb']:.0f} |"
         )
+    if result.get("errors"):
+        lines += ["", "Rows that failed (the run went on without them):", ""]
+        lines += [f"- {e['method']} @ {e['budget']}: `{e['error']}`" for e in result["errors"]]
     types = sorted({t for r in result["rows"] for t in r["per_type"]})
     lines += ["", "Accuracy per question type:", "", "| method | budget | " + " | ".join(types) + " |",
               "|---|---|" + "---|" * len(types)]
@@ -360,6 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 40 samples (unless --samples), budgets 1.0 and 0.22, random and pool")
     parser.add_argument("--out", help="output stem (default: eval/results/bench_<model name>[_quick])")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already measured in <out>.rows.jsonl (same settings) and run only the rest "
+                             "(rows that failed are run again)")
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.budgets, args.repeats = args.samples or 40, [1.0, 0.22], 2
@@ -373,17 +426,25 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"no model at {path}: pass --model PATH (a local LLaVA checkpoint directory)")
     if args.out and len(paths) > 1:
         parser.error("--out names one output stem; pass one --model with it")
+    failed = []
     for path in paths:
         start = time.time()
-        result = run(args, path)
-        result["seconds"] = round(time.time() - start, 1)
         stem = Path(args.out) if args.out else RESULTS / f"bench_{path.name}{'_quick' if args.quick else ''}"
+        try:
+            result = run(args, path, stem)
+        except SettingsMismatch as err:
+            parser.error(str(err))
+        result["seconds"] = round(time.time() - start, 1)
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
         stem.with_suffix(".md").write_text(to_markdown(result))
         plots = plot(result, stem)
         print(to_markdown(result))
         print(f"wrote {stem}.json, {stem}.md" + "".join(f", {p}" for p in plots) + f" in {result['seconds']} s")
+        failed += [f"{path.name}: {e['method']} @ {e['budget']} ({e['error']})" for e in result["errors"]]
+    if failed:
+        sys.exit(f"{len(failed)} benchmark row(s) failed (recorded as error rows; rerun with --resume to retry "
+                 "only them):\n  " + "\n  ".join(failed))
 
 
 if __name__ == "__main__":

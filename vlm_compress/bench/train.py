@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import compat
 from ..testing import SPECIAL_TOKENS, TINY_LLAVA_DIMS, build_llava, build_processor, wrap_tokenizer
 from .task import COLORS, SHAPES, ShapesTask, vocabulary
 from .timing import machine_description
@@ -195,17 +196,15 @@ class GroundingProbe:
     """Attention of one position to all keys at LLM layer ``layer``, computed from q/k (with RoPE) via a hook."""
 
     def __init__(self, model, layer: int):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         self.attn = model.model.language_model.layers[layer].self_attn
-        self.rope = apply_rotary_pos_emb
+        self.rope = compat.apply_rotary_pos_emb
         self.handles = [self.attn.register_forward_pre_hook(self._capture, with_kwargs=True),
                         self.attn.register_forward_hook(self._output)]
         self.hidden = self.cos_sin = self.output = None
 
     def _capture(self, module, args, kwargs):
         self.hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self.cos_sin = kwargs.get("position_embeddings")
+        self.cos_sin = compat.rotary_tables(kwargs)
 
     def _output(self, module, args, output):
         self.output = output[0] if isinstance(output, tuple) else output  # [B, L, D] after o_proj
@@ -257,9 +256,7 @@ def attention_mass_loss(row: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vision: bool = False,
            question_probe: "GroundingProbe | None" = None, word_probe: "GroundingProbe | None" = None):
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    tower = model.model.vision_tower
+        tower = model.model.vision_tower
     with torch.set_grad_enabled(not freeze_vision and torch.is_grad_enabled()):
         out = tower(batch["pixel_values"], output_hidden_states=True)
     feature_layer = out.hidden_states[-2]
@@ -279,7 +276,7 @@ def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vi
         position_loss = position_loss + F.cross_entropy(where[..., g:].flatten(0, 1), (cells % g).repeat(where.shape[0]))
     vqa = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(feats))},
+        **compat.encoded_images(feats),
     )
     patch_acc = (patch_logits.argmax(-1) == batch["patch_labels"])[batch["patch_labels"] > 0].float().mean()
     ground_loss = torch.zeros(())

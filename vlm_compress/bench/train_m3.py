@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .. import compat
 from ..pruners.m3 import m3_kernels
 from .task import ShapesTask
 from .timing import machine_description
 from .train import add_training_arguments, build_tokenizer, make_batch, schedule
 from .train_mqt import patch_features
-
 
 
 def pooled_tokens(model, pixel_values: torch.Tensor, grid: int, kernel: int) -> torch.Tensor:
@@ -41,7 +40,7 @@ def pooled_tokens(model, pixel_values: torch.Tensor, grid: int, kernel: int) -> 
 def scale_loss(model, batch, grid: int, kernel: int) -> torch.Tensor:
     tokens = pooled_tokens(model, batch["pixel_values"], grid, kernel)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                 mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(tokens))}).loss
+                 **compat.encoded_images(tokens)).loss
 
 
 @torch.no_grad()
@@ -55,7 +54,7 @@ def evaluate(model, task, tokenizer, grid: int, kernel: int, count: int = 200, b
         feats = pooled_tokens(model, batch["pixel_values"], grid, kernel)
         logits = model(input_ids=batch["input_ids"][:, :-2], attention_mask=batch["attention_mask"][:, :-2],
                        logits_to_keep=1,
-                       mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(feats))}).logits
+                       **compat.encoded_images(feats)).logits
         correct += int((logits[:, -1].argmax(-1) == answers).sum())
     model.train()
     return correct / count

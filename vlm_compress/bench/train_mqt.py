@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .. import compat
 from ..modules.resampler import QueryResampler, ResamplerConfig
 from .timing import machine_description
 from .train import add_training_arguments, frozen_base, make_batch, optimizer_step, schedule
-
 
 
 def patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -36,7 +35,7 @@ def patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 def answer_loss(model, resampler, batch, m: int) -> torch.Tensor:
     tokens = resampler(patch_features(model, batch["pixel_values"]), m)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(tokens))})
+                **compat.encoded_images(tokens))
     return out.loss
 
 
@@ -52,7 +51,7 @@ def evaluate(model, resampler, task, tokenizer, grid: int, m: int, count: int = 
         batch["input_ids"], batch["attention_mask"] = batch["input_ids"][:, :-2], batch["attention_mask"][:, :-2]
         tokens = resampler(patch_features(model, batch["pixel_values"]), m)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
-                       mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(tokens))}).logits
+                       **compat.encoded_images(tokens)).logits
         correct += int((logits[:, -1].argmax(-1) == answers).sum())
     resampler.train()
     return correct / count

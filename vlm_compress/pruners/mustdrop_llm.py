@@ -27,6 +27,7 @@ import dataclasses
 
 import torch
 
+from .. import compat
 from ..budget import visual_share
 from ..registry import register_method
 from ..stages.decode import keep_slots
@@ -132,7 +133,7 @@ class MustDropLLMPruner(PrefillPruner):
         ctx.alive = (ctx.alive & ~ctx.visual) | keep | (alive & ctx.protected)
 
     def finish(self, stage, cache) -> None:
-        if not self.shrink_cache or cache is None or getattr(cache, "layers", None) is None:
+        if not self.shrink_cache or not compat.has_layer_entries(cache):
             return
         ctx, slots = stage.ctx, stage.slots
         survivors = ctx.alive | ~ctx.visual

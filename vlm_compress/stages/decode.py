@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import compat
 from ..config import MethodConfig
 from ..pruners.llm_base import PrefillContext, RowAttention
 from .prefill import pack
@@ -26,10 +27,9 @@ def keep_slots(stage: Any, cache: Any, layer: int, keep: torch.Tensor) -> None:
     slots = stage.slots
     index, real = pack(keep, dummy=0)  # padding entries re-use slot 0, re-marked as padding below
     slots.positions[layer] = torch.where(real, torch.gather(slots.positions[layer], 1, index), -1)
-    entry = cache.layers[layer]
-    gather = index[:, None, :, None].expand(-1, entry.keys.shape[1], -1, entry.keys.shape[-1])
-    entry.keys = torch.gather(entry.keys, 2, gather)
-    entry.values = torch.gather(entry.values, 2, gather)
+    keys, values = compat.layer_entries(cache, layer)
+    gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+    compat.replace_layer_entries(cache, layer, torch.gather(keys, 2, gather), torch.gather(values, 2, gather))
     slots.reshaped = True
 
 

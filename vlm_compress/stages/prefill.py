@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import compat
 from ..llm_attention import check_decoder_layer, project_keys, project_queries, row_attention
 from ..patching import patch_method, unpatch_all
 from ..pruners.llm_base import PrefillContext, PrefillPruner
@@ -219,7 +220,7 @@ class PrefillStage:
         scales = self.config.token_scales(i, ctx) if self.config is not None else None
         bias = self.config.key_bias(i, ctx) if self.config is not None else None
         positions = torch.arange(s, device=hidden.device).expand(b, s)
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = compat.rotary_tables(kwargs)
         if bool(active.all()) and bias is None:
             out = self._call(i, original, hidden, kwargs, scales)
             slots.positions[i] = positions
@@ -232,8 +233,7 @@ class PrefillStage:
             layer_positions = torch.where(real, index, -1)
             slots.positions[i] = layer_positions
             slots.reshaped = True
-            call = dict(kwargs)
-            call["position_embeddings"] = (layer_cos, layer_sin)
+            call = compat.with_rotary_tables(kwargs, layer_cos, layer_sin)
             if call.get("position_ids") is not None:
                 call["position_ids"] = _gather_rows(_with_dummy(call["position_ids"].expand(b, -1)[..., None]), index)[..., 0]
             # padding rows (-1) see only padding slots: finite outputs, which the scatter then discards
@@ -278,21 +278,21 @@ class PrefillStage:
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """rows [B, S] → attention of those rows over layer ``i``'s keys, scattered to prompt positions [B, R, S]."""
         layer = self.layers[i]
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_of_call(kwargs)
         s = hidden.shape[1]
         keys_of_layer: list[torch.Tensor] = []  # computed on first use, shared by every call at this layer
 
         def layer_keys() -> torch.Tensor:
             if not keys_of_layer:
-                if kwargs.get("use_cache") and getattr(cache, "layers", None) is not None:
-                    keys_of_layer.append(cache.layers[i].keys)
+                if kwargs.get("use_cache") and compat.has_layer_entries(cache):
+                    keys_of_layer.append(compat.layer_keys(cache, i))
                 else:
                     keys_of_layer.append(project_keys(layer, layer_hidden, layer_cos, layer_sin))
             return keys_of_layer[0]
 
         def attention(rows: torch.Tensor) -> torch.Tensor:
             index, real = pack(rows, dummy=s)
-            cos, sin = kwargs["position_embeddings"]
+            cos, sin = compat.rotary_tables(kwargs)
             q_cos = _gather_rows(_with_dummy(cos), index)
             q_sin = _gather_rows(_with_dummy(sin), index)
             queries = project_queries(layer, _gather_rows(_with_dummy(hidden), index), q_cos, q_sin)

@@ -1,0 +1,169 @@
+"""The one door to transformers internals that change between versions.
+
+Every place in vlm-compress that depends on how transformers names or shapes something *inside* a model (rather
+than its public ``from_pretrained`` / ``generate`` surface) goes through this module, so that a new transformers
+release is fixed here and nowhere else. Each entry says which versions differ and how. The range CI tests is
+``TESTED_RANGE`` (also in ``pyproject.toml``); ``make check-latest`` runs the suite on the newest releases.
+
+Entries (dated by the transformers release that changed them):
+
+* **Cache argument name** (5.24.0, 2026-11): models and decoder layers take ``cache=``; before, ``past_key_values=``
+  (the old name is still accepted, deprecated until 5.40). Outputs carry ``.cache`` (``.past_key_values`` is a
+  deprecated alias from 5.24). :func:`cache_of_call`, :func:`cache_of_output`.
+* **Cache layers** (5.x): a ``Cache`` holds ``cache.layers[i]`` with ``keys`` / ``values`` tensors
+  ``[B, H_kv, T, hd]``; ``get_seq_length()`` is layer 0's length. 5.24 dropped the layer's ``dtype`` attribute (read
+  the tensors' dtype instead). Static caches preallocate ``max_cache_len`` slots and cannot be re-shaped per layer.
+  :func:`layer_keys`, :func:`replace_layer_entries`, :func:`cache_length`, :func:`is_static_cache`.
+* **Pre-encoded images** (5.18.0): ``generate()`` calls ``model.model.get_image_features`` once and passes the
+  result to forward as ``mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[...])}``; forward
+  accepts the same keyword from a caller. Before 5.18 neither existed (this is the floor). :data:`MM_ENCODER_OUTPUTS`,
+  :func:`encoded_images`.
+* **Decoder-layer keywords** (5.x): a decoder layer (and its attention) receives ``position_embeddings=(cos, sin)``
+  and a prepared ``attention_mask`` by keyword; Llama's ``apply_rotary_pos_emb`` applies the tables.
+  :func:`rotary_tables`, :func:`with_rotary_tables`, :func:`apply_rotary_pos_emb`.
+* **AnyRes helpers** (5.x): ``get_anyres_image_grid_shape`` and ``image_size_to_num_patches`` live in
+  ``models.llava_next.modeling_llava_next``. :func:`anyres_helpers`.
+* **PIL image processors** (5.x): the torchvision-free processors are ``CLIPImageProcessorPil`` and
+  ``LlavaNextImageProcessorPil`` in ``image_processing_pil_*`` modules. :func:`pil_image_processor`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import transformers
+from packaging.version import Version
+
+TRANSFORMERS_VERSION = Version(transformers.__version__.split("+")[0])
+TESTED_RANGE = ("5.18.0", "5.24.0")  # the oldest and newest transformers CI runs the suite on (pyproject.toml)
+
+# -- the cache argument --------------------------------------------------------------------------------------
+CACHE_ARGUMENT = "cache" if TRANSFORMERS_VERSION >= Version("5.24.0") else "past_key_values"
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # the new name first; callers may pass either on 5.24+
+
+
+def cache_of_call(kwargs: dict[str, Any]) -> Any:
+    """The ``Cache`` passed to a model's or a decoder layer's forward under either name (``None`` if none).
+
+    5.24+ calls layers with ``cache=``; 5.18–5.23 with ``past_key_values=``; a user may pass either to the model.
+    """
+    for name in CACHE_ARGUMENTS:
+        value = kwargs.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def cache_of_output(output: Any) -> Any:
+    """The ``Cache`` a model output carries: ``.cache`` on 5.24+, ``.past_key_values`` before (no deprecation
+    warning is triggered on 5.24+)."""
+    if "cache" in getattr(type(output), "__dataclass_fields__", {}):
+        return output.cache
+    return getattr(output, "past_key_values", None)
+
+
+# -- cache layers --------------------------------------------------------------------------------------------
+def cache_length(cache: Any) -> int:
+    """Tokens already in ``cache`` (layer 0's length; 0 for ``None`` or an empty cache)."""
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
+def has_layer_entries(cache: Any) -> bool:
+    """Whether ``cache`` exposes per-layer ``keys``/``values`` tensors (``DynamicCache`` and friends)."""
+    return getattr(cache, "layers", None) is not None
+
+
+def layer_keys(cache: Any, layer: int) -> torch.Tensor:
+    """Keys cached by decoder layer ``layer``, RoPE applied: [B, H_kv, T_l, hd]."""
+    return cache.layers[layer].keys
+
+
+def replace_layer_entries(cache: Any, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace layer ``layer``'s cached keys and values (any length: the per-layer engine re-shapes caches)."""
+    entry = cache.layers[layer]
+    entry.keys, entry.values = keys, values
+
+
+def layer_entries(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of decoder layer ``layer``: [B, H_kv, T_l, hd] each."""
+    entry = cache.layers[layer]
+    return entry.keys, entry.values
+
+
+def is_static_cache(cache: Any) -> bool:
+    """A preallocated cache (``StaticCache`` or its layers), whose slots cannot be dropped per layer."""
+    from transformers import cache_utils
+
+    static_types = tuple(
+        getattr(cache_utils, name) for name in ("StaticCache", "StaticLayer") if hasattr(cache_utils, name)
+    )
+    if isinstance(cache, static_types):
+        return True
+    return any(isinstance(layer, static_types) for layer in getattr(cache, "layers", None) or ())
+
+
+# -- pre-encoded images --------------------------------------------------------------------------------------
+MM_ENCODER_OUTPUTS = "mm_encoder_outputs"
+
+
+def encoded_images(features: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """Forward/generate keywords that make the model scatter ``features`` (per image ``[k_i, D]``) into its image
+    placeholders instead of running the vision tower: ``{"mm_encoder_outputs": {"image": ...}}``."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {MM_ENCODER_OUTPUTS: {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
+
+
+def check_supported() -> None:
+    """Raise an ``ImportError`` naming the fix when the installed transformers predates the floor."""
+    if TRANSFORMERS_VERSION < Version(TESTED_RANGE[0]):
+        raise ImportError(
+            f"vlm-compress needs transformers>={TESTED_RANGE[0]} (pre-encoded image features, "
+            f"`mm_encoder_outputs`); found {transformers.__version__}. Run: pip install 'transformers>={TESTED_RANGE[0]}'"
+        )
+
+
+# -- decoder-layer keywords ----------------------------------------------------------------------------------
+def rotary_tables(layer_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary ``(cos, sin)`` [B or 1, S, hd] a decoder layer received (``position_embeddings=``)."""
+    tables = layer_kwargs.get("position_embeddings")
+    if tables is None:
+        raise TypeError(
+            "the decoder layer was called without position_embeddings=(cos, sin); in-LLM methods support "
+            "transformers' Llama-style layers (transformers>=" + TESTED_RANGE[0] + ")"
+        )
+    return tables
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Llama's rotary embedding of ``q`` and ``k`` [B, H, S, hd] with ``cos``/``sin`` [B, S, hd]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def with_rotary_tables(layer_kwargs: dict[str, Any], cos: torch.Tensor, sin: torch.Tensor) -> dict[str, Any]:
+    """A copy of ``layer_kwargs`` whose rotary tables are ``(cos, sin)``."""
+    return {**layer_kwargs, "position_embeddings": (cos, sin)}
+
+
+# -- model-family helpers ------------------------------------------------------------------------------------
+def anyres_helpers():
+    """LLaVA-NeXT's ``(get_anyres_image_grid_shape, image_size_to_num_patches)``."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
+
+    return get_anyres_image_grid_shape, image_size_to_num_patches
+
+
+def pil_image_processor(family: str):
+    """The torchvision-free image processor class of ``family`` (``"clip"`` or ``"llava_next"``)."""
+    if family == "clip":
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil
+    if family == "llava_next":
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        return LlavaNextImageProcessorPil
+    raise ValueError(f"no PIL image processor known for {family!r}")
