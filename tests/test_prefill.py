@@ -92,7 +92,7 @@ def test_each_layer_caches_what_it_processed(deep, batch):
     for layer in range(LAYERS):
         dropped = N - plan_counts(layer)
         # padded to the batch's width minus the tokens this layer skipped (same for every sample here)
-        assert cache.layers[layer].keys.shape[-2] == width - dropped
+        assert compat.layer_keys(cache, layer).shape[-2] == width - dropped
         assert slots.cached_tokens(layer).tolist() == (valid - dropped).tolist()
     assert deep.compression.stats.layer_visual_tokens == [float(plan_counts(i)) for i in range(LAYERS)]
 
@@ -344,7 +344,7 @@ def test_mustdrop_budget_mode_meets_the_layer_average(deep, batch):
     final = stats.layer_visual_tokens[-1]
     for layer in range(first, LAYERS):  # stage 3: every cache from the first scoring layer holds the final set
         assert cached_visual(deep, layer).tolist() == [final] * 3
-    assert cache.layers[LAYERS - 1].keys.shape[-2] == cache.layers[first].keys.shape[-2]
+    assert compat.layer_keys(cache, LAYERS - 1).shape[-2] == compat.layer_keys(cache, first).shape[-2]
 
 
 def test_mustdrop_key_set_from_stage_1_survives_stage_2(deep, batch):
