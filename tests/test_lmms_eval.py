@@ -147,3 +147,42 @@ def test_errors_are_explicit():
     assert "compression" not in lm.model.__dict__
     with pytest.raises(NotImplementedError, match="generate_until"):
         lm.loglikelihood([])
+
+
+def test_in_llm_method_reports_layer_averaged_tokens_and_its_own_flops(task_manager, baseline):
+    """FastV drops tokens inside the LLM: every image enters whole, layers after K see fewer; the FLOPs and KV follow
+    each layer's own count."""
+    lm = VLMCompressLlava.create_from_arg_string(f"pretrained={TINY},method=fastv,budget=0.5,layer=1",
+                                                 {"device": "cpu", "batch_size": 4})
+    result = evaluate(task_manager, lm, batch_size=None)
+    throughput, full = result["throughput"], baseline[0]["throughput"]
+    assert throughput["avg_visual_tokens_kept_per_image"] == TOKENS  # all of them enter the LLM
+    assert throughput["avg_layer_avg_visual_tokens_per_image"] == pytest.approx(0.5 * TOKENS, abs=1)
+    assert full["avg_layer_avg_visual_tokens_per_image"] == TOKENS
+    assert throughput["avg_prefill_gflops"] < 0.8 * full["avg_prefill_gflops"]
+    assert throughput["avg_kv_cache_mb"] < 0.8 * full["avg_kv_cache_mb"]
+    for record in lm.request_stats:  # prefill time per request: the batch's over its requests
+        assert record.prefill_ms == pytest.approx(record.batch_prefill_ms / record.batch_size)
+    assert {r.batch_size for r in lm.request_stats} == {4}
+
+
+def test_lmms_eval_models_lists_the_plugin():
+    run = subprocess.run([sys.executable, "-m", "lmms_eval", "models"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert MODEL_ID in run.stdout
+
+
+def test_batch_size_given_twice_names_the_fix():
+    with pytest.raises(ValueError, match="give it once, as lmms-eval's own --batch_size"):
+        VLMCompressLlava.create_from_arg_string(f"pretrained={TINY},batch_size=2", {"batch_size": 4, "device": "cpu"})
+    lm = VLMCompressLlava.create_from_arg_string(f"pretrained={TINY},batch_size=4", {"batch_size": 4, "device": "cpu"})
+    assert lm.batch_size == 4
+
+
+def test_the_task_writes_its_missing_data_file_where_the_yaml_is(tmp_path, monkeypatch):
+    folder = tmp_path / "tasks" / "shapes_vqa"
+    shutil.copytree(TASK_SRC, folder, ignore=shutil.ignore_patterns("__pycache__", "*.parquet"))
+    monkeypatch.chdir(tmp_path)  # not the task's folder: the file must land next to the YAML
+    spec = importlib.util.spec_from_file_location("shapes_vqa_utils_fresh", folder / "utils.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert (folder / "shapes_vqa.parquet").is_file() and not (tmp_path / "shapes_vqa.parquet").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 from typing import Any, Iterator, Sequence
@@ -14,7 +15,7 @@ from . import compat, pruners  # noqa: F401  (registers the built-in methods)
 from .adapters import Adapter, get_adapter
 from .budget import validate_budget
 from .config import MethodConfig
-from .patching import patch_method, unpatch_all
+from .patching import check_unpatchable, patch_method, patched_modules, unpatch_all
 from .registry import get_method
 from .stages.encoder import EncoderStage, RewrittenInputs
 from .stages.prefill import PrefillStage
@@ -43,6 +44,15 @@ class CompressionState:
     @property
     def config(self) -> MethodConfig | list[MethodConfig]:
         return self.configs[0] if len(self.configs) == 1 else self.configs
+
+    def __deepcopy__(self, memo: dict) -> "CompressionState":
+        """A copy for a copied model (``copy.deepcopy(model)``): the same methods on the copy's modules and the last
+        ``stats``; ``last`` (the last call's tensors, which may be in an autograd graph) is not carried over."""
+        return CompressionState(
+            configs=copy.deepcopy(self.configs, memo), adapter=copy.deepcopy(self.adapter, memo),
+            encoder=copy.deepcopy(self.encoder, memo), prefill=copy.deepcopy(self.prefill, memo),
+            stats=copy.deepcopy(self.stats, memo), last=None,
+        )
 
 
 def _resolve_configs(
@@ -106,11 +116,17 @@ def compress(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress() expects a transformers model (torch.nn.Module), got {type(model).__name__}")
+    wrapper, model = model, unwrap_model(model)
     if isinstance(model.__dict__.get(_STATE_ATTR), CompressionState):
         active = ", ".join(c.name for c in model.__dict__[_STATE_ATTR].configs)
         raise ValueError(
             f"this model is already compressed (method {active}); call vlm_compress.restore(model) first, "
             "or pass method=[...] in one compress() call to stack methods"
+        )
+    if patched_modules(model):
+        raise RuntimeError(
+            "this model carries vlm-compress patches without a compression state (an interrupted compress or a "
+            "copy made half-way); call vlm_compress.restore(model) to clear them"
         )
     adapter = get_adapter(model)
     configs = _resolve_configs(method, budget, method_kwargs)
@@ -122,24 +138,46 @@ def compress(
         if "decode" in by_stage:
             prefill.add_decode_policy(by_stage["decode"])
     state = CompressionState(configs=configs, adapter=adapter, encoder=encoder, prefill=prefill)
-    if prefill is not None:
-        prefill.attach()
-    patch_method(model, "forward", lambda original: _compressed_forward(state, original))
-    patch_method(model, "generate", lambda original: _compressed_generate(state, original))
-    model.__dict__[_STATE_ATTR] = state
+    try:  # atomic: any failure takes back every patch made so far
+        if prefill is not None:
+            prefill.attach()
+        patch_method(model, "forward", _compressed_forward)
+        patch_method(model, "generate", _compressed_generate)
+        model.__dict__[_STATE_ATTR] = state
+    except BaseException:
+        _remove_patches(model)
+        raise
+    return wrapper
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a wrapper: a PEFT ``PeftModel``'s base model; any other model as it is."""
+    get_base_model = getattr(type(model), "get_base_model", None)
+    if get_base_model is not None and type(model).__module__.split(".")[0] == "peft":
+        return model.get_base_model()
     return model
+
+
+def _remove_patches(model: nn.Module) -> None:
+    """Every vlm-compress patch on ``model`` and its submodules, and the compression state (checked first, so a
+    refusal leaves everything in place)."""
+    modules = patched_modules(model)
+    for module in modules:
+        check_unpatchable(module)
+    for module in modules:
+        unpatch_all(module)
+    model.__dict__.pop(_STATE_ATTR, None)
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo :func:`compress`: remove every patch and ``model.compression``. Outputs are the untouched model's."""
-    if not isinstance(model.__dict__.get(_STATE_ATTR), CompressionState):
+    """Undo :func:`compress`: remove every patch and ``model.compression``. Outputs are the untouched model's.
+
+    Also clears what an interrupted :func:`compress` could have left behind (patches without a state)."""
+    wrapper, model = model, unwrap_model(model)
+    if not isinstance(model.__dict__.get(_STATE_ATTR), CompressionState) and not patched_modules(model):
         raise ValueError("this model is not compressed; nothing to restore")
-    state = model.__dict__[_STATE_ATTR]
-    if state.prefill is not None:
-        state.prefill.detach()
-    unpatch_all(model)
-    del model.__dict__[_STATE_ATTR]
-    return model
+    _remove_patches(model)
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -194,21 +232,25 @@ def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs |
     return rewritten
 
 
-def _compressed_forward(state: CompressionState, original: Any):
-    signature = inspect.signature(original)
+def _state(model: nn.Module) -> CompressionState:
+    return model.__dict__[_STATE_ATTR]
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
-        call = {k: v for k, v in bound.arguments.items() if k != "kwargs"}
-        call.update(bound.arguments.get("kwargs", {}))
-        cached = compat.cache_length(compat.cache_of_call(call))
-        if cached == 0:
-            _rewrite(state, call)
-        if state.prefill is None:
-            return original(**call)
-        return _run_in_llm(state, original, call, cached)
 
-    return forward
+def _compressed_forward(model: nn.Module, original: Any, *args: Any, **kwargs: Any) -> Any:
+    """``model.forward`` while compressed (a :class:`~vlm_compress.patching.Patched` implementation)."""
+    state = _state(model)
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    call = {k: v for k, v in bound.arguments.items() if k != "kwargs"}
+    call.update(bound.arguments.get("kwargs", {}))
+    cache = compat.cache_of_call(call)
+    if state.prefill is not None and compat.is_static_cache(cache):
+        raise ValueError(STATIC_CACHE_MESSAGE)
+    cached = compat.cache_length(cache)
+    if cached == 0:
+        _rewrite(state, call)
+    if state.prefill is None:
+        return original(**call)
+    return _run_in_llm(state, original, call, cached)
 
 
 def _protected_mask(state: CompressionState, input_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -242,7 +284,8 @@ def _run_in_llm(state: CompressionState, original: Any, call: dict[str, Any], ca
     encoded = call.get(compat.MM_ENCODER_OUTPUTS) is not None
     protected = _protected_mask(state, input_ids) if encoded else None
     stage.begin(input_ids, call.get("attention_mask"), cached, protected)
-    out = original(**call)
+    with stage.calling():
+        out = original(**call)
     if not cached and stage.record is not None:
         dtype = next(stage.layers[0].parameters()).dtype
         base = state.stats if encoded else None  # the encoder's, this prompt
@@ -256,27 +299,42 @@ def _run_in_llm(state: CompressionState, original: Any, call: dict[str, Any], ca
     return out
 
 
-def _compressed_generate(state: CompressionState, original: Any):
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        call = dict(kwargs)
-        if args:
-            if "input_ids" in call or "inputs" in call:
-                raise TypeError("generate() got input_ids both positionally and by keyword")
-            call["input_ids"], args = args[0], args[1:]
-        if "inputs" in call:
-            call["input_ids"] = call.pop("inputs")
-        prompt = call.get("input_ids")
-        rewritten = _rewrite(state, call)
-        out = original(*args, **call)
-        if rewritten is None or prompt is None:
-            return out
-        # give back the prompt the caller passed, so `out[:, prompt_len:]` still slices the new tokens
-        sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
-        sequences = torch.cat([prompt, sequences[:, rewritten.input_ids.shape[1] :]], dim=1)
-        if isinstance(out, torch.Tensor):
-            return sequences
-        out.sequences = sequences
-        return out
+STATIC_CACHE_MESSAGE = (
+    "in-LLM and decode-stage methods keep a different number of tokens in each layer's KV cache, which a static "
+    "(preallocated) cache cannot hold; generate with the default dynamic cache (drop cache_implementation='static' "
+    "or the StaticCache you passed), or use an encoder-stage method, which works with static caches"
+)
 
-    return generate
+
+def _compressed_generate(model: nn.Module, original: Any, *args: Any, **kwargs: Any) -> Any:
+    """``model.generate`` while compressed: the prompt is compressed once, then the stock ``generate`` runs."""
+    state = _state(model)
+    call = dict(kwargs)
+    if args:
+        if "input_ids" in call or "inputs" in call:
+            raise TypeError("generate() got input_ids both positionally and by keyword")
+        call["input_ids"], args = args[0], args[1:]
+    if "inputs" in call:
+        call["input_ids"] = call.pop("inputs")
+    if state.prefill is not None and _wants_static_cache(model, call):
+        raise ValueError(STATIC_CACHE_MESSAGE)
+    prompt = call.get("input_ids")
+    with torch.no_grad():  # as the stock generate runs the vision tower
+        rewritten = _rewrite(state, call)
+    out = original(*args, **call)
+    if rewritten is None or prompt is None:
+        return out
+    # give back the prompt the caller passed, so `out[:, prompt_len:]` still slices the new tokens
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
+    sequences = torch.cat([prompt, sequences[:, rewritten.input_ids.shape[1] :]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return sequences
+    out.sequences = sequences
+    return out
+
+
+def _wants_static_cache(model: nn.Module, call: dict[str, Any]) -> bool:
+    config = call.get("generation_config") or getattr(model, "generation_config", None)
+    implementation = call.get("cache_implementation", getattr(config, "cache_implementation", None))
+    return implementation == "static" or compat.is_static_cache(compat.cache_of_call(call))

@@ -1,4 +1,4 @@
-"""Budget convention (DESIGN.md principle 4): validation and budget → token counts."""
+"""Budget convention (docs/architecture.md, "The budget convention"): validation and budget → token counts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Attention rows inside the LLM, computed from q/k instead of ``output_attentions`` (DESIGN.md principle 2).
+"""Attention rows inside the LLM, computed from q/k instead of ``output_attentions`` (docs/architecture.md,
+"The three stages").
 
 Only the rows a method asks for are computed: the query projection of those rows (with RoPE) against the keys
 a layer already holds, so SDPA/flash attention stay on for the layer itself and peak memory does not grow.

@@ -6,6 +6,7 @@ Everything here is batched over a leading dim and free of model knowledge.
 from __future__ import annotations
 
 import math
+import typing
 from typing import Literal
 
 import torch
@@ -15,6 +16,8 @@ from . import kernels
 
 HeadReduce = Literal["mean", "sum", "max"]
 ScoreKind = Literal["probs", "logits"]
+HEAD_REDUCTIONS = typing.get_args(HeadReduce)  # the choices of methods' head_reduce option
+SCORE_KINDS = typing.get_args(ScoreKind)  # the choices of methods' kind option
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ class CompressionStats:
     """Statistics of the last prefill that went through a compressed model (whole batch).
 
     Token counts are totals over the batch; ``*_per_image`` are the per-image means. ``layer_avg_visual_tokens``
-    follows DESIGN.md's equal-cost convention (visual tokens averaged over LLM layers, per image).
+    follows the equal-cost convention of docs/architecture.md (visual tokens averaged over LLM layers, per image).
     """
 
     images: int

@@ -16,13 +16,16 @@ def supported_model_classes() -> list[str]:
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter for ``model``'s class; a ``TypeError`` naming the supported classes otherwise."""
+    """The adapter for ``model``: the first class in its MRO that an adapter names, so subclasses of a supported
+    class work (PEFT wrappers are unwrapped by ``compress`` first); a ``TypeError`` naming the supported classes
+    otherwise."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress() expects a transformers model (torch.nn.Module), got {type(model).__name__}")
+    for cls in type(model).__mro__:
+        for adapter in ADAPTERS:
+            if cls.__name__ in adapter.model_class_names and cls.__module__.startswith("transformers."):
+                return adapter(model)
     name = type(model).__name__
-    for adapter in ADAPTERS:
-        if name in adapter.model_class_names:
-            return adapter(model)
     hint = ""
     if name.endswith("Model") and hasattr(model, "language_model"):
         hint = " Pass the *ForConditionalGeneration model (the one with the LM head), not its base model."

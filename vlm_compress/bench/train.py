@@ -6,7 +6,7 @@ One joint stage, four losses: the VQA answer (+ EOS) cross-entropy; a dense per-
 (``hidden_states[-2]``) that classifies each patch as background or its (shape, colour); a per-patch row/column
 classifier on the same layer (position stays readable from the features after pruning compacts positions); and a
 multi-label head on the CLS output of the last layer predicting which (shape, colour) pairs are in the scene. The CLS objective is what
-makes CLS attention point at objects, as in CLIP (DESIGN.md, "The embedded benchmark"). The heads are training-only.
+makes CLS attention point at objects, as in CLIP (docs/architecture.md, "Benchmarks"). The heads are training-only.
 Checkpoints (stock ``save_pretrained`` + processor) are written every ``--save-every`` steps.
 """
 
@@ -256,7 +256,7 @@ def attention_mass_loss(row: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 def losses(model, heads, batch, probe: "GroundingProbe | None" = None, freeze_vision: bool = False,
            question_probe: "GroundingProbe | None" = None, word_probe: "GroundingProbe | None" = None):
-        tower = model.model.vision_tower
+    tower = model.model.vision_tower
     with torch.set_grad_enabled(not freeze_vision and torch.is_grad_enabled()):
         out = tower(batch["pixel_values"], output_hidden_states=True)
     feature_layer = out.hidden_states[-2]

@@ -12,7 +12,8 @@ uncompressed model); ``budget``, a share of visual tokens (``0.2``) or tokens pe
 ``.`` is an int); ``device``; ``dtype`` (``auto``, ``float16``, ``bfloat16``, ``float32``); ``batch_size``;
 ``max_new_tokens`` (used when the task sets none); ``prompt`` (``auto``, ``llava`` or ``chat``). Any other key
 is a method option for :func:`vlm_compress.compress` (``method=visionzip,budget=64,layer=-3``). With the CLI,
-give the batch size as ``--batch_size`` (the CLI always passes one, so ``batch_size=`` in ``model_args`` clashes).
+give the batch size as ``--batch_size`` (the CLI always passes one; a different ``batch_size=`` in ``model_args``
+is refused with a message).
 
 Prompts: ``USER: <image>\\n{context} ASSISTANT:`` (LLaVA-1.5) with ``prompt=llava``, or the processor's chat
 template with ``prompt=chat``; ``auto`` picks ``chat`` when the processor has a template. A context that already
@@ -20,15 +21,18 @@ contains ``<image>`` keeps its placeholders; otherwise one ``<image>`` per image
 greedy unless the task sets ``temperature > 0``; the text is cut at the first ``until`` string and stripped.
 
 Cost, per request (:class:`RequestStats`): prefill wall-clock (``generate`` entry to the end of the first forward:
-vision tower, selection and LLM prefill, for the request's whole batch), visual tokens in and kept, prompt tokens
-entering the LLM, modelled prefill FLOPs and KV-cache bytes (:mod:`vlm_compress.stats`, the same model with and
-without compression). lmms-eval 0.7.3 takes them in two places, both in ``simple_evaluate``'s result:
+vision tower, selection and LLM prefill) of the request's batch, and that time divided by the batch's requests;
+visual tokens in, entering the LLM, and per LLM layer (layer-averaged: in-LLM methods such as ``fastv`` drop tokens
+inside the LLM, so fewer than enter it); prompt tokens entering the LLM; modelled prefill FLOPs and KV-cache bytes
+(:mod:`vlm_compress.stats`, each layer with its own token count; KV after any decode-stage eviction). lmms-eval
+0.7.3 takes them in two places, both in ``simple_evaluate``'s result:
 
 - each sample's ``token_counts`` (``input_tokens``: prompt tokens entering the LLM, after compression;
   ``output_tokens``: generated tokens), summed in ``results["efficiency"]``;
 - its throughput log (:func:`lmms_eval.models.model_utils.gen_metrics.log_metrics`, once per ``generate_until``),
-  summarised as ``results["throughput"]["avg_<name>"]``: ``avg_prefill_ms``, ``avg_visual_tokens_in_per_image``,
-  ``avg_visual_tokens_kept_per_image``, ``avg_prompt_tokens_llm``, ``avg_prefill_gflops``, ``avg_kv_cache_mb``
+  summarised as ``results["throughput"]["avg_<name>"]``: ``avg_prefill_ms`` (per request),
+  ``avg_visual_tokens_in_per_image``, ``avg_visual_tokens_kept_per_image``,
+  ``avg_layer_avg_visual_tokens_per_image``, ``avg_prompt_tokens_llm``, ``avg_prefill_gflops``, ``avg_kv_cache_mb``
   (means per request, or per image).
 
 The records themselves stay on the model object as ``request_stats``.
@@ -67,10 +71,21 @@ _HANDLED_GEN_KWARGS = {"until", "max_new_tokens", "temperature", "do_sample", "t
 
 
 def manifest() -> ModelManifest:
-    """Payload of the ``lmms_eval.models`` entry point: ``vlm_compress_llava`` → :class:`VLMCompressLlava`."""
+    """Payload of the ``lmms_eval.models`` entry point: ``vlm_compress_llava`` → :class:`VLMCompressLlava`.
+
+    lmms-eval 0.7.3 resolves entry-point models through its registry, but its ``lmms-eval models`` listing reads only
+    its own table of simple models; the model is added to that table too, as lmms-eval's own (legacy) plugin loader
+    does, so the listing shows it.
+    """
+    import sys
+
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.VLMCompressLlava")
+    class_path = f"{__name__}.VLMCompressLlava"
+    listing = getattr(sys.modules.get("lmms_eval.models"), "AVAILABLE_SIMPLE_MODELS", None)
+    if isinstance(listing, dict):
+        listing.setdefault(MODEL_ID, class_path)
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=class_path)
 
 
 def parse_budget(value: float | int | str) -> float | int:
@@ -86,19 +101,22 @@ def parse_budget(value: float | int | str) -> float | int:
 
 @dataclasses.dataclass
 class RequestStats:
-    """Cost of one lmms-eval request. ``prefill_ms`` and ``batch_size`` are those of the batch it ran in."""
+    """Cost of one lmms-eval request. ``batch_prefill_ms`` and ``batch_size`` are those of the batch it ran in;
+    ``prefill_ms`` is the request's share of it (the batch's time over its requests)."""
 
     task: str
     doc_id: int
     batch_size: int
-    prefill_ms: float  # wall-clock from generate() entry to the end of the first forward (tower, selection, prefill)
+    batch_prefill_ms: float  # wall-clock from generate() entry to the end of the first forward (tower, selection, prefill)
+    prefill_ms: float  # batch_prefill_ms / batch_size
     images: int
     visual_tokens_in: int  # image placeholders in the processor's prompt
     visual_tokens_kept: int  # entering the LLM
+    layer_avg_visual_tokens: float  # visual tokens per LLM layer, averaged over layers (in-LLM methods drop inside)
     prompt_tokens_llm: int  # non-padding prompt tokens entering the LLM
     output_tokens: int  # generated, up to and including EOS
-    prefill_flops: float  # LLM prefill of this request alone (vlm_compress.stats model)
-    kv_cache_bytes: int
+    prefill_flops: float  # LLM prefill of this request alone, with each layer's own token count (vlm_compress.stats)
+    kv_cache_bytes: int  # the prompt's KV cache, each layer's own length (after any decode-stage eviction)
 
 
 def _now(device: torch.device) -> float:
@@ -148,6 +166,20 @@ class VLMCompressLlava(lmms):
     """
 
     is_simple = True
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "VLMCompressLlava":
+        """lmms-eval's constructor from ``--model_args`` plus its own options (``--batch_size``, ``--device``): an
+        option given both ways is an error naming the fix instead of a duplicate-keyword ``TypeError``."""
+        from lmms_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        both = sorted(k for k in set(args) & set(extra) if str(args[k]) != str(extra[k]))
+        if both:
+            given = ", ".join(f"{k}={args[k]!r} in --model_args and {extra[k]!r} from lmms-eval's --{k}" for k in both)
+            raise ValueError(f"{given}: give it once, as lmms-eval's own --{both[0]} option")
+        return cls(**{**args, **extra})
 
     def __init__(
         self,
@@ -256,7 +288,8 @@ class VLMCompressLlava(lmms):
             state.stats = None
 
     def _row_costs(self, inputs: dict[str, torch.Tensor], images_per_row: list[int]) -> list[dict[str, Any]]:
-        """Per-row tokens and modelled cost of the last call on ``inputs`` (compressed or not)."""
+        """Per-row tokens and modelled cost of the last call on ``inputs`` (compressed or not): each LLM layer's own
+        token count where an in-LLM method dropped tokens inside the LLM, the prompt length otherwise."""
         state = self._model.__dict__.get("compression")
         stats = state.stats if state is not None else None
         if stats is not None and stats.images != sum(images_per_row):
@@ -266,15 +299,22 @@ class VLMCompressLlava(lmms):
         element_size = torch.tensor([], dtype=self._model.dtype).element_size()
         visual_in = (inputs["input_ids"] == self._image_token_id).sum(dim=1).tolist()
         lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        per_layer = state.prefill.last_prompt_counts() if state is not None and state.prefill is not None else None
         rows, offset = [], 0
-        for n_images, n_visual, length in zip(images_per_row, visual_in, lengths):
+        for row, (n_images, n_visual, length) in enumerate(zip(images_per_row, visual_in, lengths)):
             kept = sum(stats.kept_per_image[offset : offset + n_images]) if stats is not None else n_visual
             offset += n_images
             n_llm = int(length) - (n_visual - kept)
+            processed = cached = [n_llm] * layers
+            layer_visual = float(kept)
+            if per_layer is not None:
+                processed, cached = per_layer.tokens[row], per_layer.cached[row]
+                layer_visual = sum(per_layer.visual[row]) / layers
             rows.append(dict(
-                images=n_images, visual_tokens_in=int(n_visual), visual_tokens_kept=int(kept), prompt_tokens_llm=n_llm,
-                prefill_flops=prefill_flops([[n_llm] * layers], text_config),
-                kv_cache_bytes=kv_cache_bytes([[n_llm] * layers], text_config, element_size),
+                images=n_images, visual_tokens_in=int(n_visual), visual_tokens_kept=int(kept),
+                layer_avg_visual_tokens=layer_visual, prompt_tokens_llm=n_llm,
+                prefill_flops=prefill_flops([processed], text_config),
+                kv_cache_bytes=kv_cache_bytes([cached], text_config, element_size),
             ))
         return rows
 
@@ -303,6 +343,7 @@ class VLMCompressLlava(lmms):
         if images:
             metrics["visual_tokens_in_per_image"] = sum(r.visual_tokens_in for r in records) / images
             metrics["visual_tokens_kept_per_image"] = sum(r.visual_tokens_kept for r in records) / images
+            metrics["layer_avg_visual_tokens_per_image"] = sum(r.layer_avg_visual_tokens for r in records) / images
         tokens = sum(r.output_tokens for r in records)
         log_metrics(
             total_elapsed_time=seconds, total_gen_tokens=tokens,
@@ -363,11 +404,12 @@ class VLMCompressLlava(lmms):
             new_tokens = out[:, width:]
             texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             generated = self._generated_lengths(new_tokens)
-            prefill_ms = (marks[0] - start) * 1e3 if marks else float("nan")
+            batch_prefill_ms = (marks[0] - start) * 1e3 if marks else float("nan")
             for row, (i, a, cost) in enumerate(zip(batch, args, self._row_costs(inputs, [len(v) for v in visuals]))):
                 text = _truncate(texts[row], until).strip()
                 record = RequestStats(
-                    task=a[4], doc_id=a[3], batch_size=len(batch), prefill_ms=prefill_ms,
+                    task=a[4], doc_id=a[3], batch_size=len(batch), batch_prefill_ms=batch_prefill_ms,
+                    prefill_ms=batch_prefill_ms / len(batch),
                     output_tokens=generated[row], **cost,
                 )
                 records.append(record)

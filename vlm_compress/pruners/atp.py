@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -54,6 +55,9 @@ from .llm_base import PrefillContext, PrefillPruner, RowAttention
 from .mustdrop_llm import staged_counts
 
 EMBEDDED_HEADS = Path(__file__).resolve().parents[1] / "assets" / "tiny-llava-atp"
+EMBEDDED = "embedded"  # the default `heads`: the ones shipped for tiny-llava, refused on other LLMs
+_TRAINED_FOR = Path(__file__).resolve().parents[1] / "assets" / "tiny-llava" / "config.json"
+_LLM_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
 @functools.lru_cache(maxsize=4)
@@ -111,30 +115,42 @@ class ATPPruner(PrefillPruner):
     """ATP: learned (or solved) per-instance thresholds on redundancy and spatial scores at a few LLM layers."""
 
     heads: str | None = dataclasses.field(
-        default=str(EMBEDDED_HEADS),
-        metadata={"help": "Directory of trained threshold heads; None: the training-free threshold variant."},
+        default=EMBEDDED,
+        metadata={"help": "Directory of trained threshold heads; 'embedded': the ones trained for the embedded "
+                          "tiny-llava (refused on other LLMs unless passed as a path); None: training-free thresholds."},
     )
     layers_of_32: tuple[int, ...] = dataclasses.field(
         default=(2, 8, 16), metadata={"help": "ATP layers of a 32-layer LLM, scaled to the depth (our guess)."}
     )
     spatial_share: float = dataclasses.field(
-        default=0.25, metadata={"help": "Training-free: share of each stage's kept tokens sampled spatially (guess)."}
+        default=0.25, metadata={"help": "Training-free: share of each stage's kept tokens sampled spatially (guess).",
+                                "range": (0, 1)}
     )
     temperature: float = dataclasses.field(
-        default=50.0, metadata={"help": "Soft-mask temperature T in training (module docstring, guess 5)."}
+        default=50.0, metadata={"help": "Soft-mask temperature T in training (module docstring, guess 5).", "above": 0}
     )
     soft: bool = dataclasses.field(
         default=False, metadata={"help": "Training: soft masks as attention bias, no drops."}
     )
 
-    def __post_init__(self) -> None:
-        self.layers_of_32 = tuple(self.layers_of_32)
-        if not 0.0 <= self.spatial_share <= 1.0:
-            raise ValueError(f"atp spatial_share must be in [0, 1], got {self.spatial_share}")
+    def heads_path(self) -> str | None:
+        return str(EMBEDDED_HEADS) if self.heads == EMBEDDED else self.heads
+
+    def check_text_config(self, text_config) -> None:
+        if self.heads != EMBEDDED:
+            return  # the user chose these heads
+        trained = json.loads(_TRAINED_FOR.read_text())["text_config"]
+        differ = [f for f in _LLM_FIELDS if trained.get(f) != getattr(text_config, f, None)]
+        if differ:
+            raise ValueError(
+                f"atp's default heads were trained for the embedded tiny-llava, whose LLM differs from this one "
+                f"({', '.join(differ)}); pass heads=PATH trained for this model (python -m vlm_compress.bench."
+                f"train_atp), heads=None for training-free thresholds, or heads={str(EMBEDDED_HEADS)!r} to use them anyway"
+            )
 
     def module(self) -> ThresholdHeads:
         try:
-            return load_heads(str(self.heads))
+            return load_heads(str(self.heads_path()))
         except ValueError as err:
             raise ValueError(f"{err}; pass heads=PATH, heads=None for the training-free variant, or train the "
                              "embedded ones with python -m vlm_compress.bench.train_atp") from None

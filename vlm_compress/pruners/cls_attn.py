@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..ops import HEAD_REDUCTIONS, SCORE_KINDS
 from ..registry import register_method
 from .base import EncoderContext, EncoderPruner, EncoderSelection
 
@@ -19,8 +20,8 @@ class ClsAttnPruner(EncoderPruner):
         default=-2,
         metadata={"help": "Vision-tower layer whose CLS row scores tokens; -2 is the layer LLaVA-1.5 takes features from."},
     )
-    head_reduce: str = dataclasses.field(default="mean", metadata={"help": "Reduce heads by 'mean', 'sum' or 'max'."})
-    kind: str = dataclasses.field(default="probs", metadata={"help": "'probs' (post-softmax) or 'logits'."})
+    head_reduce: str = dataclasses.field(default="mean", metadata={"help": "Reduce heads by 'mean', 'sum' or 'max'.", "choices": HEAD_REDUCTIONS})
+    kind: str = dataclasses.field(default="probs", metadata={"help": "'probs' (post-softmax) or 'logits'.", "choices": SCORE_KINDS})
 
     def attention_layers(self) -> tuple[int, ...]:
         return (self.layer,)

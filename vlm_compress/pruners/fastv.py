@@ -4,8 +4,8 @@ The attention of layer ``K-1`` — head mean, post-softmax, the *last token's* r
 says "average attention", FastV issue #14) — ranks the visual tokens; layers ``K..L-1`` process only the top
 ones, in their original order and at their original positions. Defaults: ``K=2`` (paper; the HF demo uses 3).
 
-Budget (DESIGN.md principle 4, layer-averaged): with ``N`` visual tokens, ``L`` layers and ``n`` kept after
-layer K, the average is ``(K·N + (L−K)·n) / L``; so a float budget β gives ``n = round(N·(β·L − K)/(L − K))``,
+Budget (layer-averaged, docs/architecture.md, "The budget convention"): with ``N`` visual tokens, ``L`` layers
+and ``n`` kept after layer K, the average is ``(K·N + (L−K)·n) / L``; so a float budget β gives ``n = round(N·(β·L − K)/(L − K))``,
 i.e. FastV's drop ratio ``R = 1 − (β·L − K)/(L − K)``. β below ``K/L`` is unreachable and raises. An explicit
 ``ratio`` (the paper's R) overrides the budget. Several images in one prompt are ranked together.
 """
@@ -40,9 +40,9 @@ def top_visual(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tenso
 class FastVPruner(PrefillPruner):
     """FastV: rank visual tokens by the last token's attention at layer K−1, keep the top ones from layer K."""
 
-    layer: int = dataclasses.field(default=2, metadata={"help": "K: first layer without the dropped tokens (paper: 2)."})
+    layer: int = dataclasses.field(default=2, metadata={"help": "K: first layer without the dropped tokens (paper: 2).", "range": (1, None)})
     ratio: float | None = dataclasses.field(
-        default=None, metadata={"help": "R: share of visual tokens dropped at layer K; overrides the budget."}
+        default=None, metadata={"help": "R: share of visual tokens dropped at layer K; overrides the budget.", "range": (0, 1)}
     )
 
     def check(self, num_layers: int) -> None:

@@ -30,7 +30,7 @@ import dataclasses
 import torch
 
 from ..adapters.base import OUTSIDE, TokenLayout
-from ..ops import topk_indices
+from ..ops import SCORE_KINDS, topk_indices
 from ..registry import register_method
 from .base import EncoderContext, EncoderPruner, EncoderSelection
 
@@ -41,20 +41,16 @@ STATISTICS = ("auto", "received", "given")
 @register_method("fopru")
 @dataclasses.dataclass
 class FoPruPruner(EncoderPruner):
-    strategy: str = dataclasses.field(default="rank", metadata={"help": "'rank' (global) or 'row' (whole rows)."})
+    strategy: str = dataclasses.field(default="rank", metadata={"help": "'rank' (global) or 'row' (whole rows).", "choices": STRATEGIES})
     layer: int = dataclasses.field(default=-2, metadata={"help": "Vision layer scored (the feature layer, -2)."})
     kind: str = dataclasses.field(
-        default="probs", metadata={"help": "'probs' (post-softmax; measured best) or 'logits' (hydrainfer's choice)."}
+        default="probs", metadata={"help": "'probs' (post-softmax; measured best) or 'logits' (hydrainfer's choice).",
+                                 "choices": SCORE_KINDS}
     )
     statistic: str = dataclasses.field(
-        default="auto", metadata={"help": "'received', 'given', or 'auto' (the one with larger variance per image)."}
+        default="auto", metadata={"help": "'received', 'given', or 'auto' (the one with larger variance per image).",
+                                "choices": STATISTICS}
     )
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.statistic not in STATISTICS:
-            raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
 
     def attention_layers(self) -> tuple[int, ...]:
         return (self.layer,)

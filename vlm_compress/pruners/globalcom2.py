@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..adapters.base import TokenLayout
 from ..budget import apportion
-from ..ops import topk_indices
+from ..ops import SCORE_KINDS, topk_indices
 from ..registry import register_method
 from .base import EncoderContext, EncoderPruner, EncoderSelection
 from .hired import _crop_under_thumbnail
@@ -44,9 +44,9 @@ from .hired import _crop_under_thumbnail
 class GlobalCom2Pruner(EncoderPruner):
     requires_anyres: ClassVar[bool] = True
 
-    temperature: float = dataclasses.field(default=10.0, metadata={"help": "τ of the crop allocation softmax (paper: 10)."})
+    temperature: float = dataclasses.field(default=10.0, metadata={"help": "τ of the crop allocation softmax (paper: 10).", "above": 0})
     layer: int = dataclasses.field(default=-1, metadata={"help": "ViT layer of the CLS scores (official: last, -1)."})
-    kind: str = dataclasses.field(default="logits", metadata={"help": "'logits' (official) or 'probs'."})
+    kind: str = dataclasses.field(default="logits", metadata={"help": "'logits' (official) or 'probs'.", "choices": SCORE_KINDS})
     keep_newlines: bool = dataclasses.field(
         default=False, metadata={"help": "Keep every newline token (inside the budget), as the official code does."}
     )

@@ -23,9 +23,8 @@ import dataclasses
 import torch
 
 from ..registry import register_method
-from ..stages.decode import DecodePolicy, keep_slots
 from .fastv import top_visual
-from .llm_base import PrefillContext, RowAttention
+from .llm_base import DecodePolicy, PrefillContext, RowAttention
 
 
 @register_method("h2o")
@@ -33,11 +32,7 @@ from .llm_base import PrefillContext, RowAttention
 class HeavyHitterPolicy(DecodePolicy):
     """Keep each layer's most-attended visual KV entries after the prompt; evict the rest."""
 
-    window: int = dataclasses.field(default=0, metadata={"help": "Recent prompt positions never evicted."})
-
-    def __post_init__(self) -> None:
-        if self.window < 0:
-            raise ValueError(f"h2o window must be >= 0, got {self.window}")
+    window: int = dataclasses.field(default=0, metadata={"help": "Recent prompt positions never evicted.", "range": (0, None)})
 
     def observe(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
         scores = ctx.extras.setdefault("h2o", {})
@@ -62,7 +57,7 @@ class HeavyHitterPolicy(DecodePolicy):
             if bool((keep_count >= count).all()):
                 continue
             keep = top_visual(score, visual, keep_count) | (real & ~visual)
-            keep_slots(stage, cache, layer, keep)
+            stage.keep_slots(cache, layer, keep)
 
     def _kept(self, count: torch.Tensor, ctx: PrefillContext) -> torch.Tensor:
         if isinstance(self.budget, float):

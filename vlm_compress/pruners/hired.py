@@ -29,7 +29,7 @@ import torch
 
 from ..adapters.base import TokenLayout
 from ..budget import apportion
-from ..ops import topk_indices
+from ..ops import HEAD_REDUCTIONS, topk_indices
 from ..registry import register_method
 from .base import EncoderContext, EncoderPruner, EncoderSelection
 
@@ -38,7 +38,7 @@ from .base import EncoderContext, EncoderPruner, EncoderSelection
 @dataclasses.dataclass
 class HiREDPruner(EncoderPruner):
     alpha: float = dataclasses.field(
-        default=0.5, metadata={"help": "Share of the budget for the thumbnail (official scripts: 0.5)."}
+        default=0.5, metadata={"help": "Share of the budget for the thumbnail (official scripts: 0.5).", "range": (0, 1)}
     )
     allocation_layer: int = dataclasses.field(
         default=0, metadata={"help": "ViT layer whose thumbnail CLS attention splits the crops' budget (official: 0)."}
@@ -46,15 +46,11 @@ class HiREDPruner(EncoderPruner):
     selection_layer: int = dataclasses.field(
         default=-2, metadata={"help": "ViT layer whose CLS attention picks tokens (official: 22 of 24, i.e. -2)."}
     )
-    head_reduce: str = dataclasses.field(default="sum", metadata={"help": "Head reduction (official: sum)."})
+    head_reduce: str = dataclasses.field(default="sum", metadata={"help": "Head reduction (official: sum).", "choices": HEAD_REDUCTIONS})
     official_bands: bool = dataclasses.field(
         default=False,
         metadata={"help": "Map thumbnail to crops by raster bands, as the official code does, instead of in 2-D."},
     )
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha is the thumbnail's share of the budget and must be in [0, 1], got {self.alpha}")
 
     def attention_layers(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys((self.allocation_layer, self.selection_layer)))

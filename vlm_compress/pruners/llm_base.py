@@ -98,3 +98,24 @@ class PrefillPruner(MethodConfig):
 
     def finish(self, stage: Any, cache: Any) -> None:
         """Called once after the prompt's last layer (MustDrop's stage 3 shrinks the caches here)."""
+
+
+@dataclasses.dataclass
+class DecodePolicy(MethodConfig):
+    """Base of decode-stage methods: observe the prompt's attention while it is prefilled, then edit the caches
+    after every forward through ``stage.keep_slots`` (the per-layer slot bookkeeping of ``stages/prefill.py``).
+
+    A decode policy never changes what the prompt's prefill computes (its first-token logits are the uncompressed
+    model's); it shrinks what later steps attend to, and so the KV memory and the per-step attention cost.
+    """
+
+    stage: ClassVar[str] = "decode"
+
+    def check(self, num_layers: int) -> None:
+        """Raise a ``ValueError`` naming the fix if the policy cannot run on this LLM."""
+
+    def observe(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
+        """Called after every layer of a prompt's prefill, with that layer's row attention."""
+
+    def apply(self, stage: Any, cache: Any, prompt: bool) -> None:
+        """Called after every forward (``prompt`` for the prefill) to edit ``cache``'s layers."""

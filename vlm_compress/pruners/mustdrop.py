@@ -39,11 +39,12 @@ from .base import EncoderContext, EncoderPruner, EncoderSelection
 class MustDropPruner(EncoderPruner):
     adaptive_count: ClassVar[bool] = True
 
-    threshold: float = dataclasses.field(default=0.8, metadata={"help": "Merge a window at this mean cosine similarity."})
-    window: int = dataclasses.field(default=3, metadata={"help": "Window side in patches (official: 3)."})
+    threshold: float = dataclasses.field(default=0.8, metadata={"help": "Merge a window at this mean cosine similarity.",
+                                                                      "range": (-1, 1)})
+    window: int = dataclasses.field(default=3, metadata={"help": "Window side in patches (official: 3).", "range": (1, None)})
     merge_layer: int = dataclasses.field(default=0, metadata={"help": "ViT layer whose outputs decide merges (official: 0)."})
     key_layer: int = dataclasses.field(default=-1, metadata={"help": "ViT layer of the key-set CLS attention (official: last)."})
-    key_rate: float = dataclasses.field(default=0.08, metadata={"help": "Share of tokens in the protected key set."})
+    key_rate: float = dataclasses.field(default=0.08, metadata={"help": "Share of tokens in the protected key set.", "range": (0, 1)})
 
     def attention_layers(self) -> tuple[int, ...]:
         return (self.key_layer,)

@@ -30,7 +30,6 @@ import torch
 from .. import compat
 from ..budget import visual_share
 from ..registry import register_method
-from ..stages.decode import keep_slots
 from .fastv import top_visual
 from .llm_base import PrefillContext, PrefillPruner, RowAttention
 
@@ -72,17 +71,13 @@ class MustDropLLMPruner(PrefillPruner):
     layers_of_32: tuple[int, ...] = dataclasses.field(
         default=(2, 6, 10, 14), metadata={"help": "Scoring layers of a 32-layer LLM, scaled to the depth (official)."}
     )
-    mode: str = dataclasses.field(default="budget", metadata={"help": "'budget' (meet the budget) or 'official'."})
+    mode: str = dataclasses.field(default="budget", metadata={"help": "'budget' (meet the budget) or 'official'.", "choices": MODES})
     global_thr: float | None = dataclasses.field(default=None, metadata={"help": "Official mode: global threshold."})
     individual_thr: float | None = dataclasses.field(
         default=None, metadata={"help": "Official mode: individual threshold."}
     )
     shrink_cache: bool = dataclasses.field(default=True, metadata={"help": "Stage 3: caches hold the final set."})
 
-    def __post_init__(self) -> None:
-        self.layers_of_32 = tuple(self.layers_of_32)  # a JSON round trip gives a list
-        if self.mode not in MODES:
-            raise ValueError(f"mustdrop_llm mode must be one of {MODES}, got {self.mode!r}")
 
     def scoring_layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(sorted({min(num_layers - 2, round(l * num_layers / 32)) for l in self.layers_of_32}))
@@ -141,4 +136,4 @@ class MustDropLLMPruner(PrefillPruner):
             positions = slots.positions[layer]
             keep = (positions >= 0) & torch.gather(survivors, 1, positions.clamp(min=0))
             if not bool(keep[positions >= 0].all()):
-                keep_slots(stage, cache, layer, keep)
+                stage.keep_slots(cache, layer, keep)

@@ -63,14 +63,14 @@ class PModPruner(PrefillPruner):
         default=None, metadata={"help": "Per-layer share of visual tokens processed (None: dense); overrides both."}
     )
     max_ratio: float = dataclasses.field(
-        default=0.85, metadata={"help": "Layers above this ratio stay dense (official)."}
+        default=0.85, metadata={"help": "Layers above this ratio stay dense (official).", "range": (0, 1)}
     )
-    min_ratio: float = dataclasses.field(default=0.15, metadata={"help": "Floor of the ratio (official)."})
+    min_ratio: float = dataclasses.field(default=0.15, metadata={"help": "Floor of the ratio (official).", "range": (0, 1)})
     weight_scale: float = dataclasses.field(default=0.2, metadata={"help": "TanhNorm α: w = α·tanh(r) + 1 (official)."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.ratios is not None:
-            self.ratios = tuple(self.ratios)  # a JSON round trip gives a list
             if any(r is not None and not 0.0 <= r <= 1.0 for r in self.ratios):
                 raise ValueError(f"pmod ratios must be None (dense) or in [0, 1], got {self.ratios}")
 

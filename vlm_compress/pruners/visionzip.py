@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from ..ops import gather_tokens, merge_into_targets, topk_indices
+from ..ops import HEAD_REDUCTIONS, gather_tokens, merge_into_targets, topk_indices
 from ..registry import register_method
 from .base import EncoderContext, EncoderPruner, EncoderSelection
 
@@ -26,10 +26,11 @@ from .base import EncoderContext, EncoderPruner, EncoderSelection
 @dataclasses.dataclass
 class VisionZipPruner(EncoderPruner):
     contextual_ratio: float = dataclasses.field(
-        default=10 / 64, metadata={"help": "Share of the budget given to contextual tokens (README: 10 of 64)."}
+        default=10 / 64, metadata={"help": "Share of the budget given to contextual tokens (README: 10 of 64).", "range": (0, 1)}
     )
     layer: int = dataclasses.field(default=-2, metadata={"help": "Vision layer for CLS attention and keys (official: -2)."})
-    head_reduce: str = dataclasses.field(default="sum", metadata={"help": "Head reduction of CLS attention (official: sum)."})
+    head_reduce: str = dataclasses.field(default="sum", metadata={"help": "Head reduction of CLS attention (official: sum).",
+                                                                     "choices": HEAD_REDUCTIONS})
 
     def attention_layers(self) -> tuple[int, ...]:
         return (self.layer,)

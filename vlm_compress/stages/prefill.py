@@ -1,4 +1,5 @@
-"""The in-LLM stage: per-layer token plans with per-layer KV caches (DESIGN.md, "prefill").
+"""The in-LLM stage: per-layer token plans with per-layer KV caches (docs/architecture.md, "The per-layer KV
+engine").
 
 Every decoder layer of the LLM gets a per-instance wrapper (removed by ``restore``). While a prompt is prefilled,
 the wrapper asks the method which tokens the layer processes, gathers their hidden states, rotary cos/sin and
@@ -15,9 +16,12 @@ everything bit-identical to the uncompressed model.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -41,6 +45,14 @@ def pack(mask: torch.Tensor, dummy: int) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]
     real = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
     return torch.where(real, order, dummy), real
+
+
+def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Layer keywords for a checkpointed call: no cache (a recompute would write it twice), as transformers does."""
+    call = {k: v for k, v in kwargs.items() if k not in compat.CACHE_ARGUMENTS}
+    if "use_cache" in call:
+        call["use_cache"] = False
+    return call
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -82,6 +94,34 @@ class LayerSlots:
 
 
 @dataclasses.dataclass
+class LayerPlan:
+    """How one decoder layer runs on the prompt: enough to run it again identically, as a gradient checkpoint does
+    in backward after the prompt's bookkeeping has moved on.
+
+    hidden: [B, S, D] the layer input. call: the original layer's keyword arguments. index: [B, n] gathered
+    positions (padding → S), ``None`` when the layer processed every token. active: [B, S] processed tokens.
+    scales / layer_scales: p-MoD's STRing weights over [B, S] / over the processed rows.
+    """
+
+    hidden: torch.Tensor
+    call: dict[str, Any]
+    index: torch.Tensor | None
+    active: torch.Tensor
+    scales: torch.Tensor | None
+    layer_scales: torch.Tensor | None
+
+
+@dataclasses.dataclass
+class PromptCounts:
+    """[B][L] lists: tokens each layer processed, of which visual, and prompt tokens each layer's cache holds now
+    (after any decode-stage eviction); non-padding tokens only."""
+
+    tokens: list[list[int]]
+    visual: list[list[int]]
+    cached: list[list[int]]
+
+
+@dataclasses.dataclass
 class PrefillRecord:
     """Per-layer token counts of the last prefill, [L] lists of [B] tensors (non-padding tokens only)."""
 
@@ -114,7 +154,21 @@ class PrefillStage:
         self.slots: LayerSlots | None = None
         self.record: PrefillRecord | None = None
         self.prefilling = False
-        self.policies: list[Any] = []  # decode-stage methods (stages/decode.py)
+        self.policies: list[Any] = []  # decode-stage methods (pruners.llm_base.DecodePolicy)
+        self._mlp_scales: dict[int, torch.Tensor | None] = {}
+        self.active = False  # inside a call of the compressed model (a direct call of the LLM runs untouched)
+        self._checkpoint: dict[int, Callable[..., Any]] = {}  # layers whose gradient checkpointing we run ourselves
+
+    def __deepcopy__(self, memo: dict) -> "PrefillStage":
+        """A copy for a copied model: the same method and policies on the copy's layers, without the last call's
+        per-call state (``ctx``, ``slots``, ``record``: tensors that may be in an autograd graph)."""
+        other = copy.copy(self)
+        memo[id(self)] = other
+        for name, value in vars(self).items():
+            scratch = name in ("ctx", "slots", "record", "prefilling", "active", "_mlp_scales", "_checkpoint")
+            setattr(other, name, None if scratch else copy.deepcopy(value, memo))
+        other.prefilling, other.active, other._mlp_scales, other._checkpoint = False, False, {}, {}
+        return other
 
     def add_decode_policy(self, policy: Any) -> None:
         """A decode-stage method: observes the prompt's layers, then edits the caches after every forward."""
@@ -123,13 +177,17 @@ class PrefillStage:
 
     # -- patching ------------------------------------------------------------------------------------------
     def attach(self) -> list[nn.Module]:
+        scales = self.config is not None and type(self.config).token_scales is not PrefillPruner.token_scales
         for index, layer in enumerate(self.layers):
-            patch_method(layer, "forward", lambda original, i=index: self._wrap(i, original))
+            patch_method(layer, "forward", functools.partial(self._layer_forward, index))
+            if scales:
+                patch_method(layer.mlp, "forward", functools.partial(self._mlp_forward, index))
         return self.layers
 
     def detach(self) -> None:
         for layer in self.layers:
             unpatch_all(layer)
+            unpatch_all(layer.mlp)
 
     # -- per call --------------------------------------------------------------------------------------------
     def begin(
@@ -159,6 +217,7 @@ class PrefillStage:
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, protected: torch.Tensor | None
     ) -> None:
         self.ctx = self.slots = self.record = None
+        self._mlp_scales = {}
         if input_ids is None:
             raise ValueError("in-LLM compression needs input_ids (not inputs_embeds) to find the image tokens")
         visual = input_ids == self.adapter.image_token_id
@@ -181,6 +240,7 @@ class PrefillStage:
             self.record.select_s += time.perf_counter() - started
 
     def _begin_step(self, new: int, attention_mask: torch.Tensor | None) -> None:
+        self._mlp_scales = {}
         total = self.slots.length + new
         if attention_mask is not None and attention_mask.shape[1] == total:
             self.slots.valid = attention_mask.bool()
@@ -189,17 +249,18 @@ class PrefillStage:
             self.slots.valid = torch.cat([self.slots.valid, ones], dim=1)[:, :total]
 
     # -- the layer wrapper -----------------------------------------------------------------------------------
-    def _wrap(self, index: int, original: Callable[..., Any]) -> Callable[..., Any]:
-        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if self.slots is None:
-                return original(hidden_states, *args, **kwargs)
-            if args:
-                raise TypeError("the compressed decoder layer expects keyword arguments after hidden_states")
-            if self.prefilling:
-                return self._prefill_layer(index, original, hidden_states, kwargs)
-            return self._step_layer(index, original, hidden_states, kwargs)
-
-        return forward
+    def _layer_forward(self, index: int, layer: nn.Module, original: Callable[..., Any], hidden_states: torch.Tensor,
+                       *args: Any, **kwargs: Any) -> Any:
+        """Decoder layer ``index``'s forward while compressed (a :class:`~vlm_compress.patching.Patched` impl)."""
+        if not self.active or self.slots is None:  # a direct call of the LLM, or a prompt without images
+            if index in self._checkpoint and self.active:
+                return self._checkpointed(index, lambda h: original(h, *args, **_without_cache(kwargs)), hidden_states)
+            return original(hidden_states, *args, **kwargs)
+        if args:
+            raise TypeError("the compressed decoder layer expects keyword arguments after hidden_states")
+        if self.prefilling:
+            return self._prefill_layer(index, original, hidden_states, kwargs)
+        return self._step_layer(index, original, hidden_states, kwargs)
 
     def _mask(self, allowed: torch.Tensor, dtype: torch.dtype, key_bias: torch.Tensor | None = None) -> torch.Tensor:
         """[B, Q, K] bool (and an optional [B, K] additive bias per key) → the 4-D mask the attention takes."""
@@ -222,12 +283,11 @@ class PrefillStage:
         positions = torch.arange(s, device=hidden.device).expand(b, s)
         cos, sin = compat.rotary_tables(kwargs)
         if bool(active.all()) and bias is None:
-            out = self._call(i, original, hidden, kwargs, scales)
+            plan = LayerPlan(hidden=hidden, call=kwargs, index=None, active=active, scales=scales, layer_scales=scales)
             slots.positions[i] = positions
-            layer_hidden, layer_positions, layer_cos, layer_sin = hidden, positions, cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+            layer_positions, layer_cos, layer_sin = positions, cos.expand(b, -1, -1), sin.expand(b, -1, -1)
         else:
             index, real = pack(active, dummy=s)
-            layer_hidden = _gather_rows(_with_dummy(hidden), index)
             layer_cos = _gather_rows(_with_dummy(cos), index)
             layer_sin = _gather_rows(_with_dummy(sin), index)
             layer_positions = torch.where(real, index, -1)
@@ -240,12 +300,12 @@ class PrefillStage:
             key_bias = _gather_rows(_with_dummy(bias[..., None]), index)[..., 0] if bias is not None else None
             call["attention_mask"] = self._mask(slots.allowed(i, layer_positions), hidden.dtype, key_bias)
             layer_scales = _gather_rows(_with_dummy(scales[..., None]), index)[..., 0] if scales is not None else None
-            layer_out = self._call(i, original, layer_hidden, call, layer_scales)
-            out = _with_dummy(hidden.clone())
-            out.scatter_(1, index[..., None].expand_as(layer_out), layer_out)
-            out = out[:, :s]
-            if scales is not None:  # STRing: a skipped token's hidden state is scaled by its weight
-                out = torch.where(active[..., None], out, hidden * scales[..., None].to(hidden.dtype))
+            plan = LayerPlan(hidden=hidden, call=call, index=index, active=active, scales=scales, layer_scales=layer_scales)
+        if i in self._checkpoint:
+            plan.call = _without_cache(plan.call)
+            out, layer_hidden = self._checkpointed(i, functools.partial(self._run_plan, i, original, plan=plan), hidden)
+        else:
+            out, layer_hidden = self._run_plan(i, original, hidden, plan)
         counted = active & ctx.valid
         self.record.tokens.append(counted.sum(dim=1))
         self.record.visual.append((counted & ctx.visual).sum(dim=1))
@@ -260,17 +320,72 @@ class PrefillStage:
             self.record.select_s += time.perf_counter() - started
         return out
 
+    @contextlib.contextmanager
+    def calling(self) -> Iterator[None]:
+        """The scope of one call of the compressed model: layer wrappers act only inside it. Layers with gradient
+        checkpointing on (``gradient_checkpointing_enable``) have it switched off for the call and are checkpointed
+        by the wrapper around the layer's own computation instead, so a recompute in backward runs the same plan
+        (transformers <= 5.23 checkpoints a layer's ``__call__``, around the wrapper; 5.24 its class ``forward``,
+        inside it; either way the plan's bookkeeping and the scoring would run again, or not at all)."""
+        self._checkpoint = {}
+        if torch.is_grad_enabled():
+            for i, layer in enumerate(self.layers):
+                if getattr(layer, "gradient_checkpointing", False) and layer.training:
+                    self._checkpoint[i] = layer._gradient_checkpointing_func
+                    layer.gradient_checkpointing = False
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+            for i in self._checkpoint:
+                self.layers[i].gradient_checkpointing = True
+            self._checkpoint = {}
+
+    def _checkpointed(self, i: int, function: Callable[[torch.Tensor], Any], hidden: torch.Tensor) -> Any:
+        """``function(hidden)`` under layer ``i``'s gradient checkpointing function; the layer's own checkpointing
+        stays off inside, in the recompute too (5.24 checks it in the layer's forward)."""
+        layer = self.layers[i]
+
+        def run(h: torch.Tensor) -> Any:
+            before = layer.gradient_checkpointing
+            layer.gradient_checkpointing = False
+            try:
+                return function(h)
+            finally:
+                layer.gradient_checkpointing = before
+
+        return self._checkpoint[i](run, hidden)
+
+    def _run_plan(self, i: int, original: Callable[..., Any], hidden: torch.Tensor,
+                  plan: "LayerPlan") -> tuple[torch.Tensor, torch.Tensor]:
+        """Run decoder layer ``i`` as ``plan`` says, with no bookkeeping: (output [B, S, D], the layer's own input
+        rows [B, n, D]). Called once per prompt, and again by a gradient checkpoint's recompute."""
+        if plan.index is None:
+            return self._call(i, original, hidden, plan.call, plan.layer_scales), hidden
+        layer_hidden = _gather_rows(_with_dummy(hidden), plan.index)
+        layer_out = self._call(i, original, layer_hidden, plan.call, plan.layer_scales)
+        out = _with_dummy(hidden.clone())
+        out.scatter_(1, plan.index[..., None].expand_as(layer_out), layer_out)
+        out = out[:, : hidden.shape[1]]
+        if plan.scales is not None:  # STRing: a skipped token's hidden state is scaled by its weight
+            out = torch.where(plan.active[..., None], out, hidden * plan.scales[..., None].to(hidden.dtype))
+        return out, layer_hidden
+
     def _call(self, i: int, original: Callable[..., Any], hidden: torch.Tensor, kwargs: dict,
               scales: torch.Tensor | None) -> Any:
-        """The original layer; with ``scales`` [B, n] its MLP output is multiplied by them (p-MoD's STRing)."""
-        if scales is None:
-            return original(hidden, **kwargs)
-        weights = scales[..., None].to(hidden.dtype)
-        hook = self.layers[i].mlp.register_forward_hook(lambda module, args, output: output * weights)
-        try:
-            return original(hidden, **kwargs)
-        finally:
-            hook.remove()
+        """The original layer; with ``scales`` [B, n] its MLP output is multiplied by them (p-MoD's STRing).
+
+        The weights stay set after the call (until the next prompt or decode step), so a gradient checkpoint that
+        recomputes the layer during backward scales it the same way."""
+        self._mlp_scales[i] = scales[..., None].to(hidden.dtype) if scales is not None else None
+        return original(hidden, **kwargs)
+
+    def _mlp_forward(self, index: int, mlp: nn.Module, original: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``index``'s MLP while a method scales outputs (a :class:`~vlm_compress.patching.Patched`)."""
+        out = original(x)
+        weights = self._mlp_scales.get(index)
+        return out * weights if weights is not None else out
 
     def _row_attention_fn(
         self, i: int, hidden: torch.Tensor, layer_hidden: torch.Tensor, layer_positions: torch.Tensor,
@@ -318,7 +433,37 @@ class PrefillStage:
         call["attention_mask"] = self._mask(slots.allowed(i, query), hidden.dtype)
         return original(hidden, **call)
 
+    # -- cache edits (decode policies, MustDrop's stage 3) ---------------------------------------------------
+    def keep_slots(self, cache: Any, layer: int, keep: torch.Tensor) -> None:
+        """Keep the ``keep`` [B, K] slots of layer ``layer``'s cache (and their slot positions), in order.
+
+        Samples keeping fewer slots than the batch maximum are padded with dropped slots re-marked as padding (-1).
+        """
+        slots = self.slots
+        index, real = pack(keep, dummy=0)  # padding entries re-use slot 0, re-marked as padding below
+        slots.positions[layer] = torch.where(real, torch.gather(slots.positions[layer], 1, index), -1)
+        keys, values = compat.layer_entries(cache, layer)
+        gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        compat.replace_layer_entries(cache, layer, torch.gather(keys, 2, gather), torch.gather(values, 2, gather))
+        slots.reshaped = True
+
     # -- statistics ------------------------------------------------------------------------------------------
+    def last_prompt_counts(self) -> "PromptCounts | None":
+        """Per sample and layer, the last prompt's processed, visual and cached tokens (``None`` without one)."""
+        if self.record is None or len(self.record.tokens) != len(self.layers) or self.slots is None:
+            return None
+        s = self.ctx.visual.shape[1]
+        cached = []
+        for positions in self.slots.positions:
+            prompt = (positions >= 0) & (positions < s)
+            prompt &= torch.gather(self.ctx.valid, 1, positions.clamp(0, s - 1))
+            cached.append(prompt.sum(dim=1))
+        return PromptCounts(
+            tokens=torch.stack(self.record.tokens, dim=1).tolist(),
+            visual=torch.stack(self.record.visual, dim=1).tolist(),
+            cached=torch.stack(cached, dim=1).tolist(),
+        )
+
     def cache_bytes(self, element_size: int) -> int:
         """Bytes of K and V now held for non-padding tokens, over all layers and samples."""
         if self.slots is None or any(p is None for p in self.slots.positions):

@@ -1,8 +1,9 @@
 """Hooks of the ``shapes_vqa`` lmms-eval task, and the writer of their local data file.
 
-``python tests/lmms_tasks/shapes_vqa/utils.py [N]`` writes ``shapes_vqa.parquet`` (N held-out ShapesVQA items,
-default 8) next to the YAMLs; then ``lmms-eval --include_path tests/lmms_tasks --tasks shapes_vqa ...`` runs
-offline. The tests write a copy of this folder to a temporary directory instead.
+The data file ``shapes_vqa.parquet`` (held-out ShapesVQA items) lives next to the YAML. lmms-eval imports this
+module when it reads the task, before it loads the data: a missing file is written then (8 items), so
+``lmms-eval --include_path tests/lmms_tasks --tasks shapes_vqa ...`` runs offline from a fresh clone.
+``python tests/lmms_tasks/shapes_vqa/utils.py [N]`` rewrites it with N items. The tests use a temporary copy.
 """
 
 from __future__ import annotations
@@ -43,5 +44,16 @@ def write_dataset(folder: str | Path, count: int = 8) -> Path:
     return path
 
 
+def ensure_dataset(folder: str | Path, count: int = 8) -> Path:
+    """``folder/shapes_vqa.parquet``, written first if it is missing (with its absolute path in the message)."""
+    path = Path(folder).resolve() / DATA_FILE
+    if not path.exists():
+        print(f"shapes_vqa: writing {count} held-out items to {path}", file=sys.stderr)
+        write_dataset(path.parent, count)
+    return path
+
+
 if __name__ == "__main__":
     print(write_dataset(Path(__file__).parent, int(sys.argv[1]) if len(sys.argv) > 1 else 8))
+else:  # imported by lmms-eval while it reads the task: the data must exist before it loads it
+    ensure_dataset(Path(__file__).parent)
