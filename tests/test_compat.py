@@ -58,7 +58,7 @@ def test_cache_argument_name_matches_the_installed_decoder_layers(model):
 
 def test_encoded_images_replace_the_vision_tower(model, batch):
     ref = model(**batch).logits
-    feats = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).pooler_output
+    feats = compat.image_features(model.model, batch["pixel_values"])
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **compat.encoded_images(feats))
     torch.testing.assert_close(out.logits, ref)
 
@@ -66,3 +66,11 @@ def test_encoded_images_replace_the_vision_tower(model, batch):
 def test_rotary_tables_name_the_fix_when_missing():
     with pytest.raises(TypeError, match="position_embeddings"):
         compat.rotary_tables({"attention_mask": None})
+
+
+def test_static_cache_requests_are_seen_from_the_call_or_the_generation_config(model):
+    from transformers import GenerationConfig
+
+    assert compat.requests_static_cache(model.generation_config, {"cache_implementation": "static"})
+    assert not compat.requests_static_cache(model.generation_config, {})
+    assert compat.requests_static_cache(GenerationConfig(cache_implementation="static"), {})

@@ -336,5 +336,4 @@ def _compressed_generate(model: nn.Module, original: Any, *args: Any, **kwargs: 
 
 def _wants_static_cache(model: nn.Module, call: dict[str, Any]) -> bool:
     config = call.get("generation_config") or getattr(model, "generation_config", None)
-    implementation = call.get("cache_implementation", getattr(config, "cache_implementation", None))
-    return implementation == "static" or compat.is_static_cache(compat.cache_of_call(call))
+    return compat.requests_static_cache(config, call)

@@ -16,8 +16,13 @@ Entries (dated by the transformers release that changed them):
   :func:`layer_keys`, :func:`replace_layer_entries`, :func:`cache_length`, :func:`is_static_cache`.
 * **Pre-encoded images** (5.18.0): ``generate()`` calls ``model.model.get_image_features`` once and passes the
   result to forward as ``mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[...])}``; forward
-  accepts the same keyword from a caller. Before 5.18 neither existed (this is the floor). :data:`MM_ENCODER_OUTPUTS`,
-  :func:`encoded_images`.
+  accepts the same keyword from a caller. Before 5.18 neither existed (this is the floor). ``get_image_features``
+  returns a ``BaseModelOutputWithPooling`` with ``return_dict=True`` (per-image features in ``pooler_output``).
+  :data:`MM_ENCODER_OUTPUTS`, :func:`encoded_images`, :func:`image_features`.
+* **AnyRes packing** (5.x): LLaVA-NeXT's ``pack_image_features(features, image_sizes, strategy, image_newline=)``
+  returns ``(packed per image, lengths)``. :func:`pack_anyres`.
+* **Generation options** (5.x): ``cache_implementation`` is a ``generate`` keyword or a ``generation_config`` field
+  (``"static"`` preallocates). :func:`requests_static_cache`.
 * **Decoder-layer keywords** (5.x): a decoder layer (and its attention) receives ``position_embeddings=(cos, sin)``
   and a prepared ``attention_mask`` by keyword; Llama's ``apply_rotary_pos_emb`` applies the tables.
   :func:`rotary_tables`, :func:`with_rotary_tables`, :func:`apply_rotary_pos_emb`.
@@ -113,6 +118,26 @@ def encoded_images(features: Sequence[torch.Tensor]) -> dict[str, Any]:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     return {MM_ENCODER_OUTPUTS: {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
+
+
+def image_features(base_model: Any, pixel_values: torch.Tensor, **image_kwargs: Any) -> list[torch.Tensor] | torch.Tensor:
+    """The stock image features of ``base_model`` (``model.model``): per image ``[N_i, D]`` (a list, or a stacked
+    tensor where all images have the same count)."""
+    out = base_model.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
+    return out.pooler_output
+
+
+def pack_anyres(base_model: Any, features: list[torch.Tensor], image_sizes: Any, strategy: str,
+                image_newline: torch.Tensor) -> list[torch.Tensor]:
+    """LLaVA-NeXT's packing of per-crop features (unpadding, one newline per high-resolution row), per image."""
+    packed, _ = base_model.pack_image_features(features, image_sizes, strategy, image_newline=image_newline)
+    return packed
+
+
+def requests_static_cache(generation_config: Any, generate_kwargs: dict[str, Any]) -> bool:
+    """Whether a ``generate`` call would use a preallocated (static) cache."""
+    implementation = generate_kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+    return implementation == "static" or is_static_cache(cache_of_call(generate_kwargs))
 
 
 def check_supported() -> None:

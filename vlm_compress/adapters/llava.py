@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import compat
 from .base import Adapter, ImageBatch, TokenLayout
 
 
@@ -42,8 +43,7 @@ class LlavaAdapter(Adapter):
         """Run the stock ``get_image_features`` and keep the projector's input as the vision-space features."""
         base = self.model.model
         with ProjectorInput(base.multi_modal_projector) as captured:
-            out = base.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
-        feats = out.pooler_output
+            feats = compat.image_features(base, pixel_values, **image_kwargs)
         features = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
         vision_features = captured.value.reshape(*features.shape[:2], -1)
 

@@ -31,8 +31,7 @@ class LlavaNextAdapter(LlavaAdapter):
         base, config = self.model.model, self.model.config
         strategy = image_kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         with ProjectorInput(base.multi_modal_projector) as captured:
-            out = base.get_image_features(pixel_values=pixel_values, return_dict=True, **image_kwargs)
-        packed = list(out.pooler_output)
+            packed = list(compat.image_features(base, pixel_values, **image_kwargs))
         crops_per_image = [
             image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
             for size in image_sizes
@@ -46,7 +45,7 @@ class LlavaNextAdapter(LlavaAdapter):
             for start, n in zip(starts.tolist(), crops_per_image)
         ]
         newline = torch.tensor([-1.0], dtype=torch.float64)
-        flat_index, _ = base.pack_image_features(index, image_sizes, strategy, image_newline=newline)
+        flat_index = compat.pack_anyres(base, index, image_sizes, strategy, newline)
 
         side = config.vision_config.image_size // config.vision_config.patch_size
         vision_flat = vision.flatten(0, 1)
