@@ -21,6 +21,10 @@ Entries (dated by the transformers release that changed them):
   :data:`MM_ENCODER_OUTPUTS`, :func:`encoded_images`, :func:`image_features`.
 * **AnyRes packing** (5.x): LLaVA-NeXT's ``pack_image_features(features, image_sizes, strategy, image_newline=)``
   returns ``(packed per image, lengths)``. :func:`pack_anyres`.
+* **Gradient checkpointing of a layer** (5.x): ``gradient_checkpointing_enable()`` (``activation_checkpointing_enable``
+  from 5.24) sets ``layer.gradient_checkpointing = True`` and ``layer._gradient_checkpointing_func`` on each
+  ``GradientCheckpointingLayer``; 5.18–5.23 check the flag in the layer's ``__call__``, 5.24 in its class
+  ``forward``. :func:`layer_checkpointing`, :func:`set_layer_checkpointing`.
 * **Generation options** (5.x): ``cache_implementation`` is a ``generate`` keyword or a ``generation_config`` field
   (``"static"`` preallocates). :func:`requests_static_cache`.
 * **Decoder-layer keywords** (5.x): a decoder layer (and its attention) receives ``position_embeddings=(cos, sin)``
@@ -138,6 +142,18 @@ def requests_static_cache(generation_config: Any, generate_kwargs: dict[str, Any
     """Whether a ``generate`` call would use a preallocated (static) cache."""
     implementation = generate_kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
     return implementation == "static" or is_static_cache(cache_of_call(generate_kwargs))
+
+
+def layer_checkpointing(layer: Any) -> Any:
+    """The checkpointing function of a decoder layer whose gradient checkpointing is on (and training), else None."""
+    if getattr(layer, "gradient_checkpointing", False) and layer.training:
+        return getattr(layer, "_gradient_checkpointing_func", None)
+    return None
+
+
+def set_layer_checkpointing(layer: Any, on: bool) -> None:
+    """Switch a decoder layer's own gradient checkpointing flag (its checkpointing function stays set)."""
+    layer.gradient_checkpointing = on
 
 
 def check_supported() -> None:

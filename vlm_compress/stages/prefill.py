@@ -330,16 +330,17 @@ class PrefillStage:
         self._checkpoint = {}
         if torch.is_grad_enabled():
             for i, layer in enumerate(self.layers):
-                if getattr(layer, "gradient_checkpointing", False) and layer.training:
-                    self._checkpoint[i] = layer._gradient_checkpointing_func
-                    layer.gradient_checkpointing = False
+                function = compat.layer_checkpointing(layer)
+                if function is not None:
+                    self._checkpoint[i] = function
+                    compat.set_layer_checkpointing(layer, False)
         self.active = True
         try:
             yield
         finally:
             self.active = False
             for i in self._checkpoint:
-                self.layers[i].gradient_checkpointing = True
+                compat.set_layer_checkpointing(self.layers[i], True)
             self._checkpoint = {}
 
     def _checkpointed(self, i: int, function: Callable[[torch.Tensor], Any], hidden: torch.Tensor) -> Any:
@@ -348,12 +349,11 @@ class PrefillStage:
         layer = self.layers[i]
 
         def run(h: torch.Tensor) -> Any:
-            before = layer.gradient_checkpointing
-            layer.gradient_checkpointing = False
+            compat.set_layer_checkpointing(layer, False)
             try:
                 return function(h)
-            finally:
-                layer.gradient_checkpointing = before
+            finally:  # inside the call (active) the call keeps it off; in a backward recompute it was on
+                compat.set_layer_checkpointing(layer, not self.active)
 
         return self._checkpoint[i](run, hidden)
 
