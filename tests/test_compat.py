@@ -74,3 +74,9 @@ def test_static_cache_requests_are_seen_from_the_call_or_the_generation_config(m
     assert compat.requests_static_cache(model.generation_config, {"cache_implementation": "static"})
     assert not compat.requests_static_cache(model.generation_config, {})
     assert compat.requests_static_cache(GenerationConfig(cache_implementation="static"), {})
+
+
+def test_a_transformers_older_than_the_floor_is_refused_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(compat, "TRANSFORMERS_VERSION", Version("5.17.0"))
+    with pytest.raises(ImportError, match=r"needs transformers>=5.18.0.*found 5.17.0.*pip install 'transformers>=5.18.0'"):
+        compat.check_supported()

@@ -6,10 +6,14 @@
 >>> restore(model)                                   # the untouched model again
 """
 
-from .api import CompressionState, compress, compressed, restore
-from .config import MethodConfig
-from .registry import get_method, list_methods, register_method
-from .stats import CompressionStats
+from . import compat
+
+compat.check_supported()  # transformers older than the tested floor: an ImportError naming the fix
+
+from .api import CompressionState, compress, compressed, restore  # noqa: E402
+from .config import MethodConfig  # noqa: E402
+from .registry import get_method, list_methods, register_method  # noqa: E402
+from .stats import CompressionStats  # noqa: E402
 
 __version__ = "0.1.0"
 

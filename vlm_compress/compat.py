@@ -40,11 +40,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import importlib.metadata
+
 import torch
-import transformers
 from packaging.version import Version
 
-TRANSFORMERS_VERSION = Version(transformers.__version__.split("+")[0])
+# from the installed metadata, so importing vlm_compress does not import transformers
+TRANSFORMERS_VERSION = Version(importlib.metadata.version("transformers").split("+")[0])
 TESTED_RANGE = ("5.18.0", "5.24.0")  # the oldest and newest transformers CI runs the suite on (pyproject.toml)
 
 # -- the cache argument --------------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ def check_supported() -> None:
     if TRANSFORMERS_VERSION < Version(TESTED_RANGE[0]):
         raise ImportError(
             f"vlm-compress needs transformers>={TESTED_RANGE[0]} (pre-encoded image features, "
-            f"`mm_encoder_outputs`); found {transformers.__version__}. Run: pip install 'transformers>={TESTED_RANGE[0]}'"
+            f"`mm_encoder_outputs`); found {TRANSFORMERS_VERSION}. Run: pip install 'transformers>={TESTED_RANGE[0]}'"
         )
 
 

@@ -98,12 +98,11 @@ class LayerPlan:
     """How one decoder layer runs on the prompt: enough to run it again identically, as a gradient checkpoint does
     in backward after the prompt's bookkeeping has moved on.
 
-    hidden: [B, S, D] the layer input. call: the original layer's keyword arguments. index: [B, n] gathered
-    positions (padding → S), ``None`` when the layer processed every token. active: [B, S] processed tokens.
-    scales / layer_scales: p-MoD's STRing weights over [B, S] / over the processed rows.
+    call: the original layer's keyword arguments. index: [B, n] gathered positions (padding → S), ``None`` when the
+    layer processes every token. active: [B, S] processed tokens. scales / layer_scales: p-MoD's STRing weights
+    over [B, S] / over the processed rows.
     """
 
-    hidden: torch.Tensor
     call: dict[str, Any]
     index: torch.Tensor | None
     active: torch.Tensor
@@ -283,7 +282,7 @@ class PrefillStage:
         positions = torch.arange(s, device=hidden.device).expand(b, s)
         cos, sin = compat.rotary_tables(kwargs)
         if bool(active.all()) and bias is None:
-            plan = LayerPlan(hidden=hidden, call=kwargs, index=None, active=active, scales=scales, layer_scales=scales)
+            plan = LayerPlan(call=kwargs, index=None, active=active, scales=scales, layer_scales=scales)
             slots.positions[i] = positions
             layer_positions, layer_cos, layer_sin = positions, cos.expand(b, -1, -1), sin.expand(b, -1, -1)
         else:
@@ -300,7 +299,7 @@ class PrefillStage:
             key_bias = _gather_rows(_with_dummy(bias[..., None]), index)[..., 0] if bias is not None else None
             call["attention_mask"] = self._mask(slots.allowed(i, layer_positions), hidden.dtype, key_bias)
             layer_scales = _gather_rows(_with_dummy(scales[..., None]), index)[..., 0] if scales is not None else None
-            plan = LayerPlan(hidden=hidden, call=call, index=index, active=active, scales=scales, layer_scales=layer_scales)
+            plan = LayerPlan(call=call, index=index, active=active, scales=scales, layer_scales=layer_scales)
         if i in self._checkpoint:
             plan.call = _without_cache(plan.call)
             out, layer_hidden = self._checkpointed(i, functools.partial(self._run_plan, i, original, plan=plan), hidden)
