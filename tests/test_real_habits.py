@@ -301,7 +301,7 @@ def test_the_llm_called_directly_after_a_compressed_generate(deep, batch, proces
     ("fastv", {"layer": True}, TypeError, r"'layer' of 'fastv' must be an int, got True"),
     ("mustdrop_llm", {"mode": "fast"}, ValueError, r"one of \['budget', 'official'\]"),
     ("h2o", {"window": -1}, ValueError, r"'window' of 'h2o' must be in \[0, inf\]"),
-    ("atp", {"layers_of_32": "2,8"}, TypeError, r"'layers_of_32' of 'atp' must be a tuple of an int"),
+    ("atp", {"layers_of_32": "2,8"}, TypeError, r"'layers_of_32' of 'atp' must be a tuple of ints"),
 ])
 def test_bad_option_values_name_the_option_and_what_it_takes(deep, method, options, error, message):
     with pytest.raises(error, match=message):

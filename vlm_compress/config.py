@@ -23,7 +23,8 @@ class MethodConfig:
     budget: float | int | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "Float in (0, 1]: share of visual tokens kept, layer-averaged (docs/architecture.md, 'The budget convention'). "
+            "help": "Float in (0, 1]: share of visual tokens kept, layer-averaged (docs/architecture.md, "
+            "'The budget convention'). "
             "Int >= 1: layer-averaged visual tokens kept per image. None: set by `compress(budget=...)`."
         },
     )
@@ -142,9 +143,16 @@ def _describe(annotation: Any) -> str:
     if annotation is type(None):
         return "None"
     if typing.get_origin(annotation) is tuple:
-        return f"a tuple of {_describe(typing.get_args(annotation)[0])}"
+        return f"a tuple of {_describe_items(typing.get_args(annotation)[0])}"
     names = {int: "an int", float: "a number", str: "a string", bool: "True or False"}
     return names.get(annotation, f"a {getattr(annotation, '__name__', str(annotation))}")
+
+
+def _describe_items(annotation: Any) -> str:
+    if _is_union(annotation):
+        return "/".join(_describe_items(a) for a in typing.get_args(annotation))
+    names = {int: "ints", float: "numbers", str: "strings", bool: "booleans", type(None): "None"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def _bound(value: Any, default: str) -> str:
