@@ -71,7 +71,9 @@ class MustDropLLMPruner(PrefillPruner):
     layers_of_32: tuple[int, ...] = dataclasses.field(
         default=(2, 6, 10, 14), metadata={"help": "Scoring layers of a 32-layer LLM, scaled to the depth (official)."}
     )
-    mode: str = dataclasses.field(default="budget", metadata={"help": "'budget' (meet the budget) or 'official'.", "choices": MODES})
+    mode: str = dataclasses.field(
+        default="budget", metadata={"help": "'budget' (meet the budget) or 'official'.", "choices": MODES}
+    )
     global_thr: float | None = dataclasses.field(default=None, metadata={"help": "Official mode: global threshold."})
     individual_thr: float | None = dataclasses.field(
         default=None, metadata={"help": "Official mode: individual threshold."}

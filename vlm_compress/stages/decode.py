@@ -8,16 +8,6 @@ bookkeeping the in-LLM methods use, so a policy works after any prefill method.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
 from ..pruners.llm_base import DecodePolicy
 
-
-def keep_slots(stage: Any, cache: Any, layer: int, keep: torch.Tensor) -> None:
-    """``stage.keep_slots(cache, layer, keep)``."""
-    stage.keep_slots(cache, layer, keep)
-
-
-__all__ = ["DecodePolicy", "keep_slots"]
+__all__ = ["DecodePolicy"]

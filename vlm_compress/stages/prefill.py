@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import compat
 from ..llm_attention import check_decoder_layer, project_keys, project_queries, row_attention
-from ..patching import patch_method, unpatch_all
+from ..patching import patch_method
 from ..pruners.llm_base import PrefillContext, PrefillPruner
 from ..stats import CompressionStats, kv_cache_bytes, kv_entry_bytes, prefill_flops, prompt_costs
 
@@ -182,11 +182,6 @@ class PrefillStage:
             if scales:
                 patch_method(layer.mlp, "forward", functools.partial(self._mlp_forward, index))
         return self.layers
-
-    def detach(self) -> None:
-        for layer in self.layers:
-            unpatch_all(layer)
-            unpatch_all(layer.mlp)
 
     # -- per call --------------------------------------------------------------------------------------------
     def begin(
