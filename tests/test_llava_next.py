@@ -9,7 +9,7 @@ from vlm_compress.adapters import get_adapter
 from vlm_compress.budget import tokens_to_keep
 from vlm_compress.testing import build_llava_next, build_next_processor, random_images
 
-METHODS = [m for m in list_methods("encoder") if m != "mqt"]  # mqt has no AnyRes variant (test_mqt.py)
+METHODS = [m for m in list_methods("encoder") if m not in ("mqt", "quota")]  # mqt has no AnyRes variant (test_mqt.py); quota: videos (test_quota.py)
 SIZES = [(60, 80), (112, 50), (56, 56)]  # landscape 2×2 crops, portrait 2×1, square 1×2 after pinpoint choice
 
 

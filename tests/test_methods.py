@@ -218,6 +218,7 @@ class MeansCapture:
 
     received: torch.Tensor
     given: torch.Tensor
+    has_cls = True
 
     def attention_means(self, layer, kind="logits"):
         return self.received, self.given

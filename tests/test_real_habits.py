@@ -17,7 +17,7 @@ from vlm_compress.testing import LlavaDims, build_llava
 
 LAYERS = 4
 # every method that runs on the random test LLaVA (globalcom2 is AnyRes-only; mqt needs a trained resampler)
-ENCODER = [m for m in list_methods("encoder") if m not in ("globalcom2", "mqt")]
+ENCODER = [m for m in list_methods("encoder") if m not in ("globalcom2", "mqt", "quota")]
 IN_LLM = ["fastv:layer=1", "mustdrop_llm", "atp:heads=None", "pmod", "h2o", "mustdrop+mustdrop_llm"]
 
 

@@ -196,14 +196,19 @@ def compressed(
         restore(model)
 
 
-_IMAGE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+_FEATURE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
+_IMAGE_KWARGS = (*_FEATURE_KWARGS, "image_sizes", "batch_num_images", "vision_aspect_ratio")
+_VIDEO_INPUTS = ("pixel_values_videos", "image_sizes_videos")
 
 
 def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs | None:
     """Compress the inputs of one call in place in ``call``; ``None`` (and ``call`` untouched) if not applicable."""
     pixel_values = call.get("pixel_values")
+    pixel_values_videos = call.get("pixel_values_videos")
     input_ids = call.get("input_ids")
-    if state.encoder is None or pixel_values is None or call.get(compat.MM_ENCODER_OUTPUTS) is not None:
+    if state.encoder is None or (pixel_values is None and pixel_values_videos is None):
+        return None
+    if call.get(compat.MM_ENCODER_OUTPUTS) is not None:
         return None
     if input_ids is None:
         raise ValueError(
@@ -211,6 +216,7 @@ def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs |
             "pass the processor's input_ids"
         )
     image_kwargs = {k: call[k] for k in _IMAGE_KWARGS if call.get(k) is not None}
+    video_kwargs = {k: call[k] for k in _FEATURE_KWARGS if call.get(k) is not None}
     rewritten = state.encoder.run(
         input_ids,
         pixel_values,
@@ -218,13 +224,15 @@ def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs |
         labels=call.get("labels"),
         position_ids=call.get("position_ids"),
         image_kwargs=image_kwargs,
+        pixel_values_videos=pixel_values_videos,
+        video_kwargs=video_kwargs,
     )
     if rewritten is None:
         return None
-    for key in ("pixel_values", *_IMAGE_KWARGS):
+    for key in ("pixel_values", *_IMAGE_KWARGS, *_VIDEO_INPUTS):
         call.pop(key, None)
     call.update(input_ids=rewritten.input_ids, attention_mask=rewritten.attention_mask)
-    call.update(compat.encoded_images(rewritten.image_features))
+    call.update(compat.encoded_media(rewritten.image_features, rewritten.video_features))
     if rewritten.labels is not None:
         call["labels"] = rewritten.labels
     if rewritten.position_ids is not None:
@@ -237,9 +245,16 @@ def _state(model: nn.Module) -> CompressionState:
     return model.__dict__[_STATE_ATTR]
 
 
+def _suspended(state: CompressionState) -> bool:
+    """A method's own scoring passes (QuoTA) run the model uncompressed."""
+    return state.encoder is not None and state.encoder.suspended
+
+
 def _compressed_forward(model: nn.Module, original: Any, *args: Any, **kwargs: Any) -> Any:
     """``model.forward`` while compressed (a :class:`~vlm_compress.patching.Patched` implementation)."""
     state = _state(model)
+    if _suspended(state):
+        return original(*args, **kwargs)
     call = _bind(original, args, kwargs)
     cache = compat.cache_of_call(call)
     if state.prefill is not None and compat.is_static_cache(cache):
@@ -278,16 +293,21 @@ def _protected_mask(state: CompressionState, input_ids: torch.Tensor | None) -> 
     last = state.last
     if input_ids is None or last is None or last.selection.protected is None or not torch.equal(last.input_ids, input_ids):
         return None
-    where = (input_ids == state.adapter.image_token_id).nonzero()  # row-major: images in placeholder order
-    offset, chosen = 0, []
-    for features, slots in zip(last.image_features, last.selection.protected):
-        if slots is not None:
-            chosen.append(slots.to(where.device) + offset)
-        offset += features.shape[0]
     mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    if chosen:
-        rows = where[torch.cat(chosen)]
-        mask[rows[:, 0], rows[:, 1]] = True
+    protected = iter(last.selection.protected)  # images first, then videos
+    for token, features in ((state.adapter.image_token_id, last.image_features),
+                            (state.adapter.video_token_id, last.video_features)):
+        if not features:
+            continue
+        where = (input_ids == token).nonzero()  # row-major: placeholder order
+        offset, chosen = 0, []
+        for kept, slots in zip(features, protected):
+            if slots is not None:
+                chosen.append(slots.to(where.device) + offset)
+            offset += kept.shape[0]
+        if chosen:
+            rows = where[torch.cat(chosen)]
+            mask[rows[:, 0], rows[:, 1]] = True
     return mask
 
 
@@ -329,6 +349,8 @@ STATIC_CACHE_MESSAGE = (
 def _compressed_generate(model: nn.Module, original: Any, *args: Any, **kwargs: Any) -> Any:
     """``model.generate`` while compressed: the prompt is compressed once, then the stock ``generate`` runs."""
     state = _state(model)
+    if _suspended(state):
+        return original(*args, **kwargs)
     call = dict(kwargs)
     if args:
         if "input_ids" in call or "inputs" in call:

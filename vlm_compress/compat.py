@@ -126,6 +126,23 @@ def encoded_images(features: Sequence[torch.Tensor]) -> dict[str, Any]:
     return {MM_ENCODER_OUTPUTS: {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
 
 
+def encoded_media(images: Sequence[torch.Tensor], videos: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """Like :func:`encoded_images` for images (per image ``[k_i, D]``) and videos (per video ``[k_v, D]``), either
+    possibly empty. OneVision (5.18–5.24) flattens the video output's first two dims, so all videos go in one row."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    out = encoded_images(images)[MM_ENCODER_OUTPUTS] if len(images) else {}
+    if len(videos):
+        out["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(list(videos))[None])
+    return {MM_ENCODER_OUTPUTS: out}
+
+
+def video_features(base_model: Any, pixel_values_videos: torch.Tensor, **video_kwargs: Any) -> torch.Tensor:
+    """The stock video features of ``base_model``: ``[B, F·n + 1, D]`` (OneVision: pooled frames, one newline)."""
+    out = base_model.get_video_features(pixel_values_videos=pixel_values_videos, return_dict=True, **video_kwargs)
+    return out.pooler_output
+
+
 def image_features(base_model: Any, pixel_values: torch.Tensor, **image_kwargs: Any) -> list[torch.Tensor] | torch.Tensor:
     """The stock image features of ``base_model`` (``model.model``): per image ``[N_i, D]`` (a list, or a stacked
     tensor where all images have the same count)."""
@@ -137,6 +154,15 @@ def pack_anyres(base_model: Any, features: list[torch.Tensor], image_sizes: Any,
                 image_newline: torch.Tensor) -> list[torch.Tensor]:
     """LLaVA-NeXT's packing of per-crop features (unpadding, one newline per high-resolution row), per image."""
     packed, _ = base_model.pack_image_features(features, image_sizes, strategy, image_newline=image_newline)
+    return packed
+
+
+def pack_onevision(base_model: Any, features: list[torch.Tensor], image_sizes: Any, image_newline: torch.Tensor,
+                   vision_aspect_ratio: str) -> list[torch.Tensor]:
+    """LLaVA-OneVision's packing (unpadding, the anyres_max bilinear shrink, one newline per high-resolution row;
+    a lone base grid gets one newline), per image."""
+    packed, _ = base_model.pack_image_features(features, image_sizes, image_newline=image_newline,
+                                               vision_aspect_ratio=vision_aspect_ratio)
     return packed
 
 
@@ -192,15 +218,17 @@ def with_rotary_tables(layer_kwargs: dict[str, Any], cos: torch.Tensor, sin: tor
 
 
 # -- model-family helpers ------------------------------------------------------------------------------------
-def anyres_helpers():
-    """LLaVA-NeXT's ``(get_anyres_image_grid_shape, image_size_to_num_patches)``."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
+def anyres_helpers(family: str = "llava_next"):
+    """``(get_anyres_image_grid_shape, image_size_to_num_patches)`` of ``family`` (``"llava_next"`` or
+    ``"llava_onevision"``)."""
+    import importlib
 
-    return get_anyres_image_grid_shape, image_size_to_num_patches
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    return module.get_anyres_image_grid_shape, module.image_size_to_num_patches
 
 
 def pil_image_processor(family: str):
-    """The torchvision-free image processor class of ``family`` (``"clip"`` or ``"llava_next"``)."""
+    """The torchvision-free image processor class of ``family`` (``"clip"``, ``"llava_next"``, ``"onevision"``)."""
     if family == "clip":
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -209,4 +237,10 @@ def pil_image_processor(family: str):
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
         return LlavaNextImageProcessorPil
+    if family == "onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        return LlavaOnevisionImageProcessorPil
     raise ValueError(f"no PIL image processor known for {family!r}")

@@ -3,6 +3,12 @@
 Forward hooks on ``q_proj``/``k_proj`` of the requested encoder layers keep the projections the tower computes
 anyway (the query of the first token only, unless every row is asked for), so the tower runs with SDPA or
 FlashAttention and we compute just the rows we need (HiRED, arXiv 2408.10945, does the same).
+
+Towers without a CLS token (SigLIP, OneVision's and Qwen's towers) give CLS-based methods one substitute score,
+defined here once: the attention each token *receives*, averaged over every query token of its tower image
+(softmax over keys per head, then heads reduced as the method asks). It is the column mean of the attention map,
+the "global importance" that CLS-free ports of FastV/VisionZip-style scoring use; on a CLIP tower it ranks much
+like the CLS row (the CLS row is one of the rows it averages).
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ class AttentionCapture:
     """
 
     def __init__(self, attention_modules: dict[int, nn.Module], all_query_rows: bool = False,
-                 layer_modules: dict[int, nn.Module] | None = None):
+                 layer_modules: dict[int, nn.Module] | None = None, has_cls: bool = True):
         self.modules = attention_modules
-        self.all_query_rows = all_query_rows
+        self.has_cls = has_cls
+        self.all_query_rows = all_query_rows or not has_cls  # the CLS substitute averages every query row
         self.layer_modules = layer_modules or {}
         self.queries: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}
@@ -65,11 +72,33 @@ class AttentionCapture:
             )
 
     def first_row_attention(self, layer: int, head_reduce: HeadReduce = "mean", kind: ScoreKind = "probs") -> torch.Tensor:
-        """Attention of the first token (CLS) to every token of ``layer``: ``[I, T]`` float32."""
+        """Attention of the first token (CLS) to every token of ``layer``: ``[I, T]`` float32. Without a CLS token,
+        the substitute of the module docstring: the attention each token receives, mean over all query rows."""
         self._require(layer)
+        if not self.has_cls:
+            return self.received_attention(layer, head_reduce, kind)
         q = self._split_heads(layer, self.queries[layer][:, :1])
         k = self._split_heads(layer, self.keys[layer])
         return row_attention(q, k, self.modules[layer].scale, head_reduce, kind)[:, 0]
+
+    def received_attention(self, layer: int, head_reduce: HeadReduce = "mean", kind: ScoreKind = "probs") -> torch.Tensor:
+        """``[I, T]`` float32: per head, the mean over query rows of each key's attention (softmax over keys for
+        ``"probs"``, raw ``q·k·scale`` for ``"logits"``), then heads reduced; one head at a time in memory."""
+        q = self._split_heads(layer, self.queries[layer]).float()
+        k = self._split_heads(layer, self.keys[layer]).float()
+        if q.shape[1] != k.shape[1]:
+            raise RuntimeError(f"layer {layer} was captured without all query rows; the pruner must ask for them")
+        scale = self.modules[layer].scale
+        per_head = []
+        for h in range(q.shape[2]):
+            a = torch.einsum("bqd,bkd->bqk", q[:, :, h], k[:, :, h]) * scale
+            per_head.append((a.softmax(-1) if kind == "probs" else a).mean(dim=1))
+        heads = torch.stack(per_head, dim=1)  # [I, H, T]
+        if head_reduce == "mean":
+            return heads.mean(dim=1)
+        if head_reduce == "sum":
+            return heads.sum(dim=1)
+        return heads.max(dim=1).values
 
     def head_mean_keys(self, layer: int) -> torch.Tensor:
         """Keys of ``layer`` averaged over heads: ``[I, T, head_dim]``."""

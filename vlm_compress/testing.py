@@ -13,7 +13,7 @@ _CORPUS = [
 ] * 8
 
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
 
 
 def wrap_tokenizer(tokenizer_object):
@@ -27,7 +27,7 @@ def wrap_tokenizer(tokenizer_object):
         unk_token="<unk>",
         pad_token="<pad>",
         padding_side="left",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
     )
 
 
@@ -184,6 +184,56 @@ def build_next_processor(tokenizer=None, dims: LlavaDims | None = None, pinpoint
         image_grid_pinpoints=pinpoints or anyres_pinpoints(dims),
     )
     return _processor(LlavaNextProcessor, image_processor, tokenizer, dims)
+
+
+def build_onevision(tokenizer=None, dims: LlavaDims | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    pinpoints: list[list[int]] | None = None, tower: str = "siglip"):
+    """A random-weight ``LlavaOnevisionForConditionalGeneration``: AnyRes-max images and 2×2-pooled video frames.
+
+    ``tower="siglip"`` (the model's own kind: no CLS token, every tower token is a feature, strategy "full") or
+    ``"clip"`` (CLS dropped, strategy "default"; the embedded tiny video model reuses tiny-llava's CLIP tower)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    dims = dims or LlavaDims(image_size=56, patch_size=7)
+    configs = _configs(tokenizer, dims)
+    if tower == "siglip":
+        clip = configs["vision_config"]
+        configs["vision_config"] = SiglipVisionConfig(
+            hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
+            num_hidden_layers=clip.num_hidden_layers, num_attention_heads=clip.num_attention_heads,
+            image_size=clip.image_size, patch_size=clip.patch_size, vision_use_head=False,
+        )
+        configs["vision_feature_select_strategy"] = "full"
+    elif tower != "clip":
+        raise ValueError(f"tower must be 'siglip' or 'clip', got {tower!r}")
+    config = LlavaOnevisionConfig(**configs, video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                                  image_grid_pinpoints=pinpoints or anyres_pinpoints(dims))
+    torch.manual_seed(seed)
+    return _finish(LlavaOnevisionForConditionalGeneration(config), tokenizer, dtype)
+
+
+def build_onevision_processor(tokenizer=None, dims: LlavaDims | None = None, pinpoints: list[list[int]] | None = None,
+                              tower: str = "siglip"):
+    """A stock ``LlavaOnevisionProcessor`` (PIL image backend, the stock video processor) matching
+    :func:`build_onevision`."""
+    from transformers import LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    from .compat import pil_image_processor
+
+    dims = dims or LlavaDims(image_size=56, patch_size=7)
+    size = dims.image_size
+    mean_std = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]) if tower == "siglip" else {}
+    image_processor = pil_image_processor("onevision")(
+        size={"height": size, "width": size}, image_grid_pinpoints=pinpoints or anyres_pinpoints(dims), **mean_std)
+    video_processor = LlavaOnevisionVideoProcessor(size={"height": size, "width": size}, **mean_std)
+    patches = (size // dims.patch_size) ** 2
+    return LlavaOnevisionProcessor(
+        image_processor=image_processor, video_processor=video_processor,
+        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
+        num_image_tokens=patches + (1 if tower == "clip" else 0),
+        vision_feature_select_strategy="full" if tower == "siglip" else "default",
+    )
 
 
 def random_images(count: int, size: tuple[int, int] = (60, 80), seed: int = 0):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, ImageBatch, TokenLayout
+from .base import Adapter, ImageBatch, TokenLayout, VideoBatch
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .onevision import OnevisionAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, OnevisionAdapter)
 
 
 def supported_model_classes() -> list[str]:
@@ -34,4 +35,4 @@ def get_adapter(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "ImageBatch", "TokenLayout", "get_adapter", "supported_model_classes"]
+__all__ = ["Adapter", "ImageBatch", "TokenLayout", "VideoBatch", "get_adapter", "supported_model_classes"]

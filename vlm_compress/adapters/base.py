@@ -87,9 +87,13 @@ class ImageBatch:
     features: ``[I, N, D]`` projected (LLM-space) tokens, exactly what the stock model would scatter.
     vision_features: ``[I, N, Dv]`` the same tokens before the projector (zeros where there is none: newlines).
     source: ``[I, N]`` index of each token in the tower's flattened output ``[tower_images · T]`` (CLS included),
-        so attention columns can be read for it; -1 for tokens the tower did not produce (newlines).
+        so attention columns can be read for it; -1 for tokens the tower did not produce (newlines). For pooled
+        tokens (``pooled_from``), the tower token at the top-left of the token's window.
     tower_length: ``T``, tokens per tower image (CLS included).
     project: the projector, ``[..., Dv] → [..., D]``.
+    pooled_from: the tower's ``(h, w)`` patch grid when the model bilinearly pooled it down to ``grid`` (OneVision's
+        video frames, ``apply_pooling``); per-token tower quantities (scores, keys, hidden states) are then pooled
+        the same way rather than read at ``source``. ``None``: tokens map one-to-one to tower tokens.
     """
 
     features: torch.Tensor
@@ -98,6 +102,7 @@ class ImageBatch:
     source: torch.Tensor
     tower_length: int
     project: Callable[[torch.Tensor], torch.Tensor]
+    pooled_from: tuple[int, int] | None = None
 
     @property
     def num_images(self) -> int:
@@ -126,11 +131,65 @@ class ImageBatch:
         )
 
 
+@dataclasses.dataclass
+class VideoBatch:
+    """One video of a call: its frames as images of one layout, and the tokens the model adds around them.
+
+    frames: ``[F, n, D]`` frame tokens (an :class:`ImageBatch`, one row per frame, in temporal order).
+    suffix: ``[s, D]`` tokens after the last frame (OneVision: one ``image_newline``), kept as they are.
+    pixel_values: ``[F, C, H, W]`` the frames as the processor gave them (what frame scorers such as QuoTA read).
+    The video's placeholders hold ``F·n + s`` tokens: frame 0's, frame 1's, ..., then the suffix.
+    """
+
+    frames: ImageBatch
+    suffix: torch.Tensor
+    pixel_values: torch.Tensor
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.num_images
+
+    @property
+    def num_tokens(self) -> int:
+        return self.frames.num_images * self.frames.layout.num_tokens + self.suffix.shape[0]
+
+
+def attention_of(block: nn.Module) -> nn.Module | None:
+    """The first submodule of a transformer block with ``q_proj`` and ``k_proj`` (its self-attention)."""
+    for module in block.modules():
+        if module is not block and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+            return module
+    return None
+
+
+def find_encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a vision tower, found by structure rather than one family's attribute names: the
+    longest ``ModuleList`` whose every block holds a self-attention with ``q_proj``/``k_proj`` projections (CLIP's
+    ``vision_model.encoder.layers``, SigLIP's, ...). The score hooks read those projections."""
+    best = None
+    for module in tower.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(attention_of(b) is not None for b in module):
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise TypeError(
+            f"cannot find the transformer blocks of the vision tower {type(tower).__name__}: no list of blocks with "
+            "q_proj/k_proj attention projections (the score hooks need them)"
+        )
+    return best
+
+
+def has_class_token(tower: nn.Module) -> bool:
+    """Whether the tower prepends a CLS token (CLIP's ``class_embedding``); SigLIP has none."""
+    return any(name.split(".")[-1] in ("class_embedding", "cls_token") for name, _ in tower.named_parameters())
+
+
 class Adapter:
     """Base class: one subclass per model family, registered in ``adapters/__init__.py``."""
 
     model_class_names: tuple[str, ...] = ()
     anyres: bool = False  # images come as thumbnail + crops + newlines (LLaVA-NeXT)
+    video: bool = False  # takes videos (``pixel_values_videos``; OneVision)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -150,20 +209,61 @@ class Adapter:
             raise TypeError(f"cannot find the decoder layers of {type(self.model).__name__}.model.language_model")
         return layers
 
+    @property
+    def video_token_id(self) -> int | None:
+        return None
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Placeholder ids of every visual modality (image, video)."""
+        return (self.image_token_id,) if self.video_token_id is None else (self.image_token_id, self.video_token_id)
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` bool: image or video placeholders."""
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token in self.visual_token_ids:
+            mask |= input_ids == token
+        return mask
+
     def images_per_sample(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B] images in each prompt: runs of consecutive image placeholders (images separated by text)."""
-        visual = input_ids == self.image_token_id
-        starts = visual[:, 1:] & ~visual[:, :-1]
-        return starts.sum(dim=1) + visual[:, 0].long()
+        """[B] images and videos in each prompt: runs of consecutive placeholders of one kind."""
+        total = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        for token in self.visual_token_ids:
+            visual = input_ids == token
+            total += (visual[:, 1:] & ~visual[:, :-1]).sum(dim=1) + visual[:, 0].long()
+        return total
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def tower_has_cls(self) -> bool:
+        """Whether the tower's first token is a CLS (else CLS-based scores use the documented substitute,
+        :meth:`vlm_compress.scoring.AttentionCapture.first_row_attention`)."""
+        return has_class_token(self.vision_tower)
+
+    def encoder_layers(self) -> nn.ModuleList:
+        return find_encoder_layers(self.vision_tower)
+
+    def num_vision_layers(self) -> int:
+        return len(self.encoder_layers())
 
     def vision_layer(self, layer: int) -> nn.Module:
         """Encoder layer ``layer`` of the vision tower (negative indices count from the end)."""
-        raise NotImplementedError
+        layers = self.encoder_layers()
+        if not -len(layers) <= layer < len(layers):
+            raise ValueError(f"vision layer {layer} out of range: the tower has {len(layers)} layers")
+        return layers[layer]
 
     def vision_attention(self, layer: int) -> nn.Module:
         """The self-attention module of vision-tower layer ``layer`` (negative indices count from the end)."""
-        raise NotImplementedError
+        return attention_of(self.vision_layer(layer))
 
     def encode_images(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> list[ImageBatch]:
         """The images of one call as batches of equal layout; images in placeholder order when concatenated."""
         raise NotImplementedError
+
+    def encode_videos(self, pixel_values_videos: torch.Tensor, **video_kwargs: Any) -> list[VideoBatch]:
+        """The videos of one call, in placeholder order."""
+        raise TypeError(f"{type(self.model).__name__} takes no videos")

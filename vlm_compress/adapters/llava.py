@@ -22,23 +22,6 @@ class LlavaAdapter(Adapter):
     def text_config(self) -> Any:
         return self.model.config.text_config
 
-    @property
-    def _tower(self) -> nn.Module:
-        tower = self.model.model.vision_tower
-        return getattr(tower, "vision_model", tower)
-
-    def vision_layer(self, layer: int) -> nn.Module:
-        layers = self._tower.encoder.layers
-        if not -len(layers) <= layer < len(layers):
-            raise ValueError(f"vision layer {layer} out of range: the tower has {len(layers)} layers")
-        return layers[layer]
-
-    def vision_attention(self, layer: int) -> nn.Module:
-        return self.vision_layer(layer).self_attn
-
-    def num_vision_layers(self) -> int:
-        return len(self._tower.encoder.layers)
-
     def encode_images(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> list[ImageBatch]:
         """Run the stock ``get_image_features`` and keep the projector's input as the vision-space features."""
         base = self.model.model

@@ -1,4 +1,5 @@
-"""Benchmark items: the held-out ShapesVQA split, or a local JSONL of (image, question, answer)."""
+"""Benchmark items: the held-out ShapesVQA split (clips of the ShapesVideo split for a video model), or a local JSONL
+of (image, question, answer)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from .task import ShapesTask
+from .video_task import ShapesVideoTask
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -20,9 +23,10 @@ class Item:
     question: str
     answer: str
     qtype: str = "all"
+    video: np.ndarray | None = None  # [F, H, W, 3] uint8, instead of an image
 
 
-EMBEDDED_MODELS = ("tiny-llava", "tiny-llava-next")
+EMBEDDED_MODELS = ("tiny-llava", "tiny-llava-next", "tiny-onevision")
 
 
 def shapes_items(count: int, split: str = "test", task: ShapesTask | None = None, images: bool = True) -> list[Item]:
@@ -32,11 +36,20 @@ def shapes_items(count: int, split: str = "test", task: ShapesTask | None = None
             for s in task.iterate(split, count, render=images)]
 
 
-def task_for(model_path: str | Path, config) -> ShapesTask:
-    """The ShapesVQA variant a model was trained on: its ``task.json`` if present, else one grid cell per patch."""
+def video_items(count: int, split: str, task: ShapesVideoTask) -> list[Item]:
+    """``count`` clips of a ShapesVideo split."""
+    return [Item(None, s.question, s.answer, s.qtype, video=s.frames) for s in task.iterate(split, count)]
+
+
+def task_for(model_path: str | Path, config) -> ShapesTask | ShapesVideoTask:
+    """The task a model was trained on: its ``task.json`` if present (a clip task when it names ``frames``), else
+    ShapesVQA with one grid cell per patch."""
     spec = Path(model_path) / "task.json"
     if spec.exists():
-        return ShapesTask.from_description(json.loads(spec.read_text()))
+        description = json.loads(spec.read_text())
+        if "frames" in description:
+            return ShapesVideoTask.from_description(description)
+        return ShapesTask.from_description(description)
     return ShapesTask(canvas=config.vision_config.image_size, cell=config.vision_config.patch_size)
 
 

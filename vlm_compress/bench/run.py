@@ -1,6 +1,7 @@
 """The benchmark: every method × budget on the embedded model and held-out set, accuracy beside speed and cost.
 
-    python -m vlm_compress.bench                  # tiny-llava, all encoder methods, budgets 1.0 … 0.11
+    python -m vlm_compress.bench                  # the embedded models: every method, budgets 1.0 … 0.11
+                                                  # (tiny-onevision: the video methods, budgets 1.0 … 0.1)
     python -m vlm_compress.bench --quick          # 1-minute smoke run
     python -m vlm_compress.bench --model PATH --dataset items.jsonl --prompt "USER: <image>\\n{question} ASSISTANT:"
 
@@ -29,7 +30,8 @@ from ..adapters import get_adapter
 from ..modules.pmod import is_pmod_checkpoint, load_pmod_model, pmod_base
 from ..pruners.pmod import EMBEDDED_ROUTERS
 from ..stats import prompt_costs
-from .data import ASSETS, EMBEDDED_MODELS, Item, answer_prior, jsonl_items, shapes_items, task_for
+from .video_task import ShapesVideoTask
+from .data import ASSETS, EMBEDDED_MODELS, Item, answer_prior, jsonl_items, shapes_items, task_for, video_items
 from .rowlog import RowLog, SettingsMismatch
 from .timing import PeakMemory, decode_ms_per_token, machine_description, timed
 
@@ -38,7 +40,12 @@ BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
 # K=1, which the 4-layer embedded LLMs need to reach budgets below 0.5 (budgets a method cannot reach are skipped,
 # with the reason, in the JSON)
 IN_LLM_METHODS = ("fastv", "fastv:layer=1", "mustdrop_llm", "mustdrop+mustdrop_llm", "atp", "atp:heads=None", "h2o")
-DEFAULT_METHODS = [*list_methods("encoder"), *IN_LLM_METHODS]
+DEFAULT_METHODS = [*(m for m in list_methods("encoder") if m != "quota"), *IN_LLM_METHODS]
+# a video model: QuoTA against the uniform split of the same within-frame reduction (bilinear; cls_attn), the
+# baselines, and QuoTA without its decoupling pass
+VIDEO_METHODS = ["quota", "quota:assign=uniform", "quota:within=cls_attn", "cls_attn", "random", "pool",
+                 "quota:decouple=False"]
+VIDEO_BUDGETS = (1.0, 0.5, 0.25, 0.1)
 RESULTS = Path.cwd() / "eval" / "results"
 
 
@@ -58,6 +65,8 @@ class Row:
     select_ms: float  # per image
     peak_mem_mb: float
     per_type: dict[str, float]
+    scoring_ms: float = 0.0  # per sample: a method's own scoring passes (QuoTA), inside prefill_ms and select_ms
+    scoring_gflops: float = 0.0  # per sample
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
@@ -130,10 +139,11 @@ class Runner:
         self.batches = [self._encode(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
     def _encode(self, items: list[Item]):
-        inputs = self.processor(
-            images=[i.image for i in items], text=[self.prompt.format(question=i.question) for i in items],
-            return_tensors="pt", padding=True,
-        )
+        text = [self.prompt.format(question=i.question) for i in items]
+        if items[0].video is not None:
+            inputs = self.processor(videos=[i.video for i in items], text=text, return_tensors="pt", padding=True)
+        else:
+            inputs = self.processor(images=[i.image for i in items], text=text, return_tensors="pt", padding=True)
         return inputs.to(self.device)
 
     def answers(self) -> tuple[list[str], dict[str, float]]:
@@ -145,15 +155,16 @@ class Runner:
             out += [normalise(t) for t in self.processor.batch_decode(ids[:, width:], skip_special_tokens=True)]
             state = getattr(self.model, "compression", None)
             batch = state.stats if state is not None and state.stats is not None else self._uncompressed(inputs)
-            for key in ("images", "visual_tokens_kept", "prefill_flops", "kv_cache_bytes", "select_ms"):
-                totals[key] = totals.get(key, 0) + getattr(batch, key)
+            for key in ("images", "visual_tokens_kept", "prefill_flops", "kv_cache_bytes", "select_ms", "scoring_ms",
+                        "scoring_flops"):
+                totals[key] = totals.get(key, 0) + getattr(batch, key, 0)
             totals["layer_avg"] = totals.get("layer_avg", 0) + batch.layer_avg_visual_tokens * batch.images
         return out, totals
 
     def _uncompressed(self, inputs) -> SimpleNamespace:
         """The cost fields of :class:`CompressionStats` for a batch the stock model runs whole."""
-        visual = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
-        images = inputs["pixel_values"].shape[0]
+        visual = int(get_adapter(self.model).visual_mask(inputs["input_ids"]).sum())
+        images = inputs["input_ids"].shape[0]  # one image or video per item
         element = torch.finfo(self.model.dtype).bits // 8
         flops, kv = prompt_costs(inputs["attention_mask"].sum(dim=1).tolist(), self.model.config.text_config, element)
         return SimpleNamespace(images=images, visual_tokens_kept=visual, layer_avg_visual_tokens=visual / images,
@@ -177,10 +188,10 @@ class Runner:
         return t_prefill * 1e3, decode_ms_per_token(gen, self.device, new_tokens, repeats), mem.peak / 2**20
 
 
-def _settings(args: argparse.Namespace, model_path: Path, samples: int) -> dict[str, Any]:
+def _settings(args: argparse.Namespace, model_path: Path, samples: int, prompt: str) -> dict[str, Any]:
     """What must match for rows of two runs to sit in one table (``--resume``)."""
     return {
-        "model": str(Path(model_path).resolve()), "dataset": args.dataset, "samples": samples, "prompt": args.prompt,
+        "model": str(Path(model_path).resolve()), "dataset": args.dataset, "samples": samples, "prompt": prompt,
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
         "device": args.device, "dtype": args.dtype, "threads": args.threads,
     }
@@ -226,6 +237,7 @@ def to_row(record: dict[str, Any], reference: dict[str, Any], items: list[Item])
         prefill_gflops=totals["prefill_flops"] / n / 1e9, kv_cache_mb=totals["kv_cache_bytes"] / n / 2**20,
         select_ms=totals["select_ms"] / totals["images"] if record["method"] != "none" else 0.0,
         peak_mem_mb=record["peak_mem_mb"], per_type={k: sum(v) / len(v) for k, v in sorted(per_type.items())},
+        scoring_ms=totals.get("scoring_ms", 0.0) / n, scoring_gflops=totals.get("scoring_flops", 0.0) / n / 1e9,
     )
 
 
@@ -235,26 +247,33 @@ def run(args: argparse.Namespace, model_path: Path, stem: Path) -> dict[str, Any
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model, processor = load_model(model_path, device, dtype)
-    samples = args.samples or (120 if get_adapter(model).anyres else 400)
-    log = RowLog(stem.with_suffix(".rows.jsonl"), _settings(args, model_path, samples), resume=args.resume)
+    task = task_for(model_path, model.config)
+    video = isinstance(task, ShapesVideoTask) and not args.dataset
+    samples = args.samples or (200 if video else 120 if get_adapter(model).anyres else 400)
     if args.dataset:
         items = jsonl_items(args.dataset, samples)
         prior = answer_prior(items, items)
         prior_note = "most frequent answer per type in the dataset itself"
+    elif video:
+        items = video_items(samples, "test", task)
+        prior = answer_prior(video_items(1000, "train", task), items)
+        prior_note = "most frequent training answer per question type"
     else:
-        task = task_for(model_path, model.config)
         items = shapes_items(samples, "test", task)
         prior = answer_prior(shapes_items(2000, "train", task, images=False), items)
         prior_note = "most frequent training answer per question type"
-    runner = Runner(model, processor, items, args.prompt, args.batch_size, args.max_new_tokens)
+    prompt = args.prompt or ("USER: <video>\n{question} ASSISTANT:" if video else "USER: <image>\n{question} ASSISTANT:")
+    log = RowLog(stem.with_suffix(".rows.jsonl"), _settings(args, model_path, samples, prompt), resume=args.resume)
+    runner = Runner(model, processor, items, prompt, args.batch_size, args.max_new_tokens)
 
-    methods = list(args.methods)
+    methods = list(args.methods or (VIDEO_METHODS if video else DEFAULT_METHODS))
+    budgets = list(args.budgets or (VIDEO_BUDGETS if video else BUDGETS))
     if is_pmod_checkpoint(model_path):  # its own routers, first
         own = "pmod" if Path(model_path).resolve() == EMBEDDED_ROUTERS.resolve() else f"pmod:routers={str(model_path)!r}"
         methods = [own, *(m for m in methods if m.split(":")[0] != "pmod")]
     configs, skipped, errors = [("none", 1.0)], {}, []
     for spec in methods:
-        for budget in args.budgets:
+        for budget in budgets:
             try:  # e.g. AnyRes-only methods on LLaVA-1.5, weights trained for another model, FastV below K/L
                 method, options = method_arg(spec, budget)
                 restore(compress(model, method=method, **options))
@@ -288,7 +307,7 @@ def run(args: argparse.Namespace, model_path: Path, stem: Path) -> dict[str, Any
     reference = records[("none", 1.0)]
     return {
         "command": "python -m vlm_compress.bench " + " ".join(sys.argv[1:]),
-        "model": str(model_path), "dataset": args.dataset or "ShapesVQA test split",
+        "model": str(model_path), "dataset": args.dataset or ("ShapesVideo test split" if video else "ShapesVQA test split"),
         "samples": len(items), "answer_prior": prior, "answer_prior_note": prior_note,
         "machine": {**machine_description(device), "dtype": args.dtype},
         "rows": [dataclasses.asdict(to_row(r, reference, items)) for r in records.values()],
@@ -346,6 +365,16 @@ def to_markdown(result: dict[str, Any]) -> str:
     if result.get("errors"):
         lines += ["", "Rows that failed (the run went on without them):", ""]
         lines += [f"- {e['method']} @ {e['budget']}: `{e['error']}`" for e in result["errors"]]
+    scored = [r for r in result["rows"] if r.get("scoring_ms", 0) > 0]
+    if scored:
+        lines += ["", "Scoring passes (a method's own model runs, e.g. QuoTA's decoupling and frame relevance), per "
+                  "sample in the batched run; the share is of prefill at batch 1, which includes them:", "",
+                  "| method | budget | scoring ms | prefill ms | share of prefill | scoring GFLOPs | prefill GFLOPs |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in scored:
+            lines.append(f"| {r['method']} | {r['budget']} | {r['scoring_ms']:.1f} | {r['prefill_ms']:.1f} | "
+                         f"{min(r['scoring_ms'] / r['prefill_ms'], 1.0):.0%} | {r['scoring_gflops']:.3f} | "
+                         f"{r['prefill_gflops']:.3f} |")
     types = sorted({t for r in result["rows"] for t in r["per_type"]})
     lines += ["", "Accuracy per question type:", "", "| method | budget | " + " | ".join(types) + " |",
               "|---|---|" + "---|" * len(types)]
@@ -393,10 +422,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", nargs="+",
                         help="local LLaVA / LLaVA-NeXT checkpoint directories (default: the embedded models)")
     parser.add_argument("--dataset", help="local JSONL of image, question, answer (default: ShapesVQA held-out split)")
-    parser.add_argument("--prompt", default="USER: <image>\n{question} ASSISTANT:")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                        help="method names, optionally with options: cls_attn:layer=-1,kind=logits")
-    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--prompt", default=None,
+                        help="prompt with {question} (default: LLaVA's format with <image>, or <video> on a video task)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="method names, optionally with options: cls_attn:layer=-1,kind=logits (default: every "
+                             "method; the video methods on a video model)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None,
+                        help=f"default: {' '.join(map(str, BUDGETS))} ({' '.join(map(str, VIDEO_BUDGETS))} on video)")
     parser.add_argument("--samples", type=int, default=None,
                         help="held-out samples (default: 400; 120 on AnyRes models, whose 744 visual tokens per image "
                              "cost five times as much, so that the default run of both embedded models stays under "
@@ -416,8 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.budgets, args.repeats = args.samples or 40, [1.0, 0.22], 2
-        args.methods = [m for m in ("random", "pool") if m in args.methods] or args.methods[:2]
-    unknown = sorted({parse_method(part)[0] for m in args.methods for part in m.split("+")} - set(list_methods()))
+        args.methods = [m for m in ("random", "pool") if m in (args.methods or DEFAULT_METHODS)] or args.methods[:2]
+    unknown = sorted({parse_method(part)[0] for m in args.methods or [] for part in m.split("+")} - set(list_methods()))
     if unknown:
         parser.error(f"unknown methods {unknown}; available: {list_methods()}")
     paths = [Path(p) for p in args.model] if args.model else [ASSETS / m for m in EMBEDDED_MODELS if (ASSETS / m).exists()]

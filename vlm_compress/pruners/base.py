@@ -6,13 +6,16 @@ Hooks, input rewriting and statistics live in :mod:`vlm_compress.stages.encoder`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import ClassVar
+import time
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from .. import kernels
-from ..adapters.base import ImageBatch, TokenLayout
+from ..adapters.base import ImageBatch, TokenLayout, VideoBatch
+from ..budget import apportion
 from ..config import MethodConfig
 from ..ops import HeadReduce, ScoreKind, gather_tokens
 from ..scoring import AttentionCapture
@@ -23,13 +26,15 @@ class EncoderContext:
     """Inputs of one selection call over ``I`` images that share a layout of ``N`` visual tokens.
 
     ``keep[i]`` is the number of tokens image ``i`` must come out with; ``image_index_in_prompt[i]`` its rank
-    among the images of its own prompt (batch-invariant, unlike the flat index ``i``).
+    among the images of its own prompt (batch-invariant, unlike the flat index ``i``). ``requested[i]`` is the
+    budget it was given before :meth:`EncoderPruner.output_count` (``keep`` when ``None``).
     """
 
     images: ImageBatch
     keep: list[int]
     image_index_in_prompt: list[int]
     capture: AttentionCapture
+    requested: list[int] | None = None
 
     @property
     def features(self) -> torch.Tensor:
@@ -58,6 +63,8 @@ class EncoderContext:
         """``(received, given)`` ``[I, N]`` float32: the head-mean patch-to-patch attention of vision ``layer`` each
         visual token receives (mean over queries) and gives (mean over keys), within its own tower image and
         excluding CLS; ``-inf`` for tokens without one (newlines, CLS). Needs :meth:`EncoderPruner.needs_all_query_rows`."""
+        if not self.capture.has_cls:
+            return tuple(self._per_token(m, float("-inf")) for m in self.capture.attention_means(layer, kind, skip=0))
         means = self.capture.attention_means(layer, kind)  # [tower images, T - 1]: CLS has none
         cls = torch.full_like(means[0][:, :1], float("-inf"))
         return tuple(self._per_token(torch.cat([cls, m], dim=1), float("-inf")) for m in means)
@@ -68,11 +75,25 @@ class EncoderContext:
 
     def _per_token(self, values: torch.Tensor, fill: float) -> torch.Tensor:
         """Tower outputs ``[tower images, T, ...]`` at each visual token's source: ``[I, N, ...]``, ``fill`` where
-        the tower produced no token (newlines)."""
+        the tower produced no token (newlines). Pooled tokens (``images.pooled_from``) get the tower values pooled as
+        the model pooled the features (bilinear, ``[I, h·w] → [I, grid]``)."""
+        if self.images.pooled_from is not None:
+            return self._pooled(values)
         source = self.images.source
         out = values.flatten(0, 1)[source.clamp_min(0)]
         missing = (source < 0).view(*source.shape, *([1] * (out.dim() - source.dim())))
         return out.masked_fill(missing, fill)
+
+    def _pooled(self, values: torch.Tensor) -> torch.Tensor:
+        """``[tower images, T, ...]`` → ``[I, N, ...]`` for images whose ``N`` tokens are the tower's ``h×w`` grid
+        bilinearly resized to ``grid`` (OneVision's ``apply_pooling``; -inf/NaN-free inputs assumed)."""
+        (h, w), grid = self.images.pooled_from, self.images.grid
+        tower_image = self.images.source[:, 0] // self.images.tower_length
+        grid_values = values[tower_image][:, values.shape[1] - h * w:]  # [I, h·w, ...]: skip a CLS
+        extra = grid_values.shape[2:]
+        maps = grid_values.reshape(grid_values.shape[0], h, w, -1).permute(0, 3, 1, 2).float()
+        pooled = torch.nn.functional.interpolate(maps, size=grid, mode="bilinear")
+        return pooled.permute(0, 2, 3, 1).reshape(maps.shape[0], grid[0] * grid[1], *extra).to(values.dtype)
 
     def tower_cell(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tower image [I, N], (row, col) [I, N, 2])``: where each visual token sits in the tower image it came
@@ -91,6 +112,86 @@ class EncoderContext:
         if len(set(self.keep)) != 1:
             raise ValueError(f"this pruner needs one token count for all images, got {sorted(set(self.keep))}")
         return self.keep[0]
+
+
+class ModelRunner:
+    """Runs the model a pruner is attached to (or another one) *uncompressed*, for scoring passes (QuoTA's frame
+    relevance and query decoupling), and keeps their cost: passes, wall time, tokens and a FLOPs estimate
+    (LLM prefill of every token, :func:`vlm_compress.stats.prompt_costs`, plus the vision tower per frame)."""
+
+    def __init__(self, model: torch.nn.Module, suspend: Callable[[], contextlib.AbstractContextManager]):
+        self.model = model
+        self._suspend = suspend
+        self.passes = 0
+        self.seconds = 0.0
+        self.tokens = 0
+        self.flops = 0.0
+
+    def _count(self, model: torch.nn.Module, inputs: dict[str, Any], generated: int = 0) -> None:
+        from ..stats import prompt_costs, vision_flops
+
+        mask = inputs.get("attention_mask")
+        lengths = (mask.sum(dim=1) if mask is not None else torch.full((inputs["input_ids"].shape[0],),
+                                                                        inputs["input_ids"].shape[1]))
+        lengths = (lengths + generated).tolist()
+        config = model.config
+        self.passes += 1
+        self.tokens += sum(lengths)
+        self.flops += prompt_costs(lengths, config.text_config, 4)[0]
+        for key in ("pixel_values_videos", "pixel_values"):
+            if inputs.get(key) is not None:
+                vision = config.vision_config
+                tower_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+                self.flops += vision_flops(vision, tower_tokens, int(inputs[key].shape[:-3].numel()))
+
+    def forward(self, model: torch.nn.Module | None = None, **inputs: Any) -> Any:
+        """``model(**inputs)`` under ``no_grad``; the attached model (default) with its compression suspended."""
+        start = time.perf_counter()
+        with (self._suspend() if model is None else contextlib.nullcontext()), torch.no_grad():
+            out = (model or self.model)(**inputs)
+        self.seconds += time.perf_counter() - start
+        self._count(model or self.model, inputs)
+        return out
+
+    def generate(self, model: torch.nn.Module | None = None, **inputs: Any) -> torch.Tensor:
+        """``model.generate(**inputs)`` as :meth:`forward`; returns the new tokens only ``[B, T]``."""
+        start = time.perf_counter()
+        with (self._suspend() if model is None else contextlib.nullcontext()), torch.no_grad():
+            out = (model or self.model).generate(**inputs)
+        self.seconds += time.perf_counter() - start
+        new = out[:, inputs["input_ids"].shape[1]:]
+        self._count(model or self.model, inputs, generated=new.shape[1])
+        return new
+
+
+@dataclasses.dataclass
+class VideoContext:
+    """One video whose budget is split over its frames (:meth:`EncoderPruner.frame_counts`).
+
+    video: the frames (``[F, n, D]``), the suffix the model adds (OneVision's newline) and the frames' pixels.
+    total: frame tokens to assign (the video's budget less the suffix, which is always kept).
+    prompt_ids: ``[L]`` the prompt of the sample holding the video (padding removed, placeholders included).
+    runner: runs a model uncompressed for scoring passes (:class:`ModelRunner`).
+    frame_scores: what a scoring method found per frame (``[F]``), reported in ``stats.frame_scores``.
+    """
+
+    video: VideoBatch
+    total: int
+    prompt_ids: torch.Tensor
+    runner: ModelRunner
+    frame_scores: list[float] | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return self.video.num_frames
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.video.frames.layout.num_tokens
+
+    def even_counts(self) -> list[int]:
+        """The uniform assignment: ``total`` split evenly, the remainder to the earliest frames."""
+        return apportion(self.total, [1.0] * self.num_frames, [self.tokens_per_frame] * self.num_frames)
 
 
 @dataclasses.dataclass
@@ -152,6 +253,11 @@ class EncoderPruner(MethodConfig):
     def output_count(self, keep: int, images: ImageBatch) -> int:
         """Tokens this method outputs for a budget of ``keep`` (a pooling grid may give fewer)."""
         return keep
+
+    def frame_counts(self, ctx: VideoContext) -> list[int]:
+        """Tokens each frame of a video gets, summing to ``ctx.total`` (each at most the frame's count); frames
+        given 0 are dropped with their placeholders. Default: an even split; QuoTA assigns by frame relevance."""
+        return ctx.even_counts()
 
     def select(self, ctx: EncoderContext) -> EncoderSelection:
         raise NotImplementedError

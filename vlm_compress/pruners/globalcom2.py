@@ -21,6 +21,9 @@ of its ratio; by default we drop them and give the whole budget to content token
 keeps them inside the budget instead (the content budget is what is left). Kept tokens are in packed (raster)
 order; the official code puts the thumbnail's in descending-score order. The thumbnail→crop regions account for
 unpadding (the official code splits the thumbnail grid into equal blocks, the same for unpadded images).
+
+A grid without crops to command (a video frame, an image of a multi-image OneVision prompt) keeps its ``k`` best
+tokens by the same scores: the thumbnail's rule.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class GlobalCom2Pruner(EncoderPruner):
     def select(self, ctx: EncoderContext) -> EncoderSelection:
         layout, keep = ctx.layout, ctx.uniform_keep()
         scores = ctx.cls_attention(self.layer, "mean", self.kind)
-        if keep >= ctx.num_tokens:
+        if keep >= ctx.num_tokens or not layout.is_anyres:
             return EncoderSelection.top_k(ctx.features, scores, keep)
         index = torch.stack([self._select_one(layout, keep, s) for s in scores.cpu()])
         return EncoderSelection.from_indices(ctx.features, index.to(ctx.features.device))

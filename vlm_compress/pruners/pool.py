@@ -17,7 +17,6 @@ import dataclasses
 import torch
 
 from ..adapters.base import OUTSIDE, TokenLayout
-from ..budget import tokens_to_keep
 from ..ops import pool_grid, pooled_grid_shape
 from ..registry import register_method
 from .base import EncoderContext, EncoderPruner, EncoderSelection
@@ -43,7 +42,7 @@ class PoolPruner(EncoderPruner):
     def select(self, ctx: EncoderContext) -> EncoderSelection:
         features, layout = ctx.features, ctx.layout
         device, n = features.device, layout.num_tokens
-        keep = tokens_to_keep(self.budget, n)  # the plan's input; ctx.keep holds its output count
+        keep = (ctx.requested or ctx.keep)[0]  # the plan's input; ctx.keep holds its output count
         if keep >= n:
             index = torch.arange(n, device=device).expand(features.shape[0], n)
             return EncoderSelection.from_indices(features, index)

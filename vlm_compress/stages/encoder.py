@@ -4,19 +4,25 @@ Given the stock processor's inputs (every image expanded to its full placeholder
 encodes the images with score hooks, lets the pruner choose ``k_i`` tokens per image, keeps the first ``k_i``
 placeholders of each image's run, drops the rest from ``input_ids``/``attention_mask``/``labels``, and re-pads the
 rows on their original side. Positions become contiguous (``cumsum(attention_mask) - 1`` in ``generate``).
+
+Videos: the budget covers the whole video (``tokens_to_keep(budget, F·n + suffix)``); the suffix (OneVision's
+closing newline) is always kept and the rest is split over frames by :meth:`EncoderPruner.frame_counts` (evenly,
+unless the method assigns frames, as QuoTA does). The pruner then selects within each frame as within an image;
+a frame given no tokens disappears with its placeholders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from ..adapters.base import Adapter, ImageBatch
+from ..adapters.base import Adapter, ImageBatch, VideoBatch
 from ..budget import tokens_to_keep
-from ..pruners.base import EncoderContext, EncoderPruner, EncoderSelection
+from ..pruners.base import EncoderContext, EncoderPruner, EncoderSelection, ModelRunner, VideoContext
 from ..scoring import AttentionCapture
 from ..stats import CompressionStats, prompt_costs
 
@@ -31,8 +37,18 @@ class RewrittenInputs:
     position_ids: torch.Tensor | None
     image_features: list[torch.Tensor]
     keep_mask: torch.Tensor  # [B, L] which original positions survive
-    selection: EncoderSelection
+    selection: EncoderSelection  # images first, then videos (each in placeholder order)
     stats: CompressionStats
+    video_features: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [k_v, D] per video
+
+
+def _ranks(samples: list[int]) -> list[int]:
+    """Each item's rank among the earlier items of its own sample (batch-invariant)."""
+    return [samples[:i].count(s) for i, s in enumerate(samples)]
+
+
+def _complete(values: list[Any]) -> list[Any] | None:
+    return values if values and all(v is not None for v in values) else None
 
 
 def _now(device: torch.device) -> float:
@@ -60,6 +76,25 @@ def repack_rows(
     return packed, mask
 
 
+@dataclasses.dataclass
+class _Unit:
+    """One image or one video frame to select from: row ``row`` of ``batch``, to come out with ``count`` tokens."""
+
+    batch: ImageBatch
+    row: int
+    requested: int  # the budget it gets; the pruner's output_count of it is what it must come out with
+    rank: int  # batch-invariant position among its prompt's images/frames (seeds of random methods)
+    capture: AttentionCapture
+
+
+@dataclasses.dataclass
+class _Chosen:
+    features: torch.Tensor
+    kept_index: torch.Tensor
+    merged_into: torch.Tensor | None
+    protected: torch.Tensor | None
+
+
 class EncoderStage:
     """Runs one encoder-stage pruner on a model through its adapter."""
 
@@ -69,115 +104,223 @@ class EncoderStage:
         self.pruner = pruner
         self._attention = {layer: adapter.vision_attention(layer) for layer in pruner.attention_layers()}
         self._layers = {layer: adapter.vision_layer(layer) for layer in pruner.hidden_state_layers()}
+        self.suspended = False  # scoring passes (ModelRunner) run the model uncompressed
+
+    @contextlib.contextmanager
+    def suspend(self) -> Iterator[None]:
+        previous, self.suspended = self.suspended, True
+        try:
+            yield
+        finally:
+            self.suspended = previous
+
+    def _capture(self) -> AttentionCapture:
+        return AttentionCapture(self._attention, self.pruner.needs_all_query_rows(), self._layers,
+                                has_cls=self.adapter.tower_has_cls)
 
     def run(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         image_kwargs: dict[str, Any] | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_kwargs: dict[str, Any] | None = None,
     ) -> RewrittenInputs | None:
         """Compress one call's inputs; ``None`` when there is nothing to compress (no placeholders)."""
-        image_mask = input_ids == self.adapter.image_token_id
-        if not bool(image_mask.any()):
+        adapter = self.adapter
+        if not bool(adapter.visual_mask(input_ids).any()):
             return None
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         device = input_ids.device
 
         t0 = _now(device)
-        with AttentionCapture(self._attention, self.pruner.needs_all_query_rows(), self._layers) as capture:
-            batches = self.adapter.encode_images(pixel_values, **(image_kwargs or {}))
+        images, videos = [], []
+        image_capture, video_capture = self._capture(), self._capture()
+        if pixel_values is not None:
+            with image_capture:
+                images = adapter.encode_images(pixel_values, **(image_kwargs or {}))
+        if pixel_values_videos is not None:
+            with video_capture:
+                videos = adapter.encode_videos(pixel_values_videos, **(video_kwargs or {}))
         t1 = _now(device)
 
-        counts = [b.layout.num_tokens for b in batches for _ in range(b.num_images)]
-        placeholders = int(image_mask.sum())
-        if placeholders != sum(counts):
-            raise ValueError(
-                f"the prompt has {placeholders} image placeholder tokens but {len(counts)} image(s) give "
-                f"{sum(counts)} visual tokens ({', '.join(map(str, counts))}); build inputs with the model's "
-                f"processor, which expands each image token to its number of visual tokens"
-            )
+        image_counts = [b.layout.num_tokens for b in images for _ in range(b.num_images)]
+        video_counts = [v.num_tokens for v in videos]
+        image_positions = self._positions(input_ids, adapter.image_token_id, image_counts, "image")
+        video_positions = (self._positions(input_ids, adapter.video_token_id, video_counts, "video")
+                           if adapter.video_token_id is not None else [])
         width = input_ids.shape[1]
-        flat_positions = image_mask.flatten().nonzero().squeeze(1).split(counts)
-        sample_of_image = [int(p[0]) // width for p in flat_positions]
-        rank_in_prompt = [sample_of_image[:i].count(s) for i, s in enumerate(sample_of_image)]
+        image_ranks = _ranks([int(p[0]) // width for p in image_positions])
+        video_samples = [int(p[0]) // width for p in video_positions]
 
-        selection, keep = self._select(batches, rank_in_prompt, capture)
+        units = []
+        flat = [(batch, row) for batch in images for row in range(batch.num_images)]
+        for (batch, row), rank in zip(flat, image_ranks):
+            units.append(_Unit(batch, row, tokens_to_keep(self.pruner.budget, batch.layout.num_tokens), rank,
+                               image_capture))
+        runner = ModelRunner(adapter.model, self.suspend)
+        frame_counts, frame_scores = [], []
+        for video, sample, rank in zip(videos, video_samples, _ranks(video_samples)):
+            counts, scores = self._frame_counts(video, input_ids[sample][attention_mask[sample].bool()], runner)
+            frame_counts.append(counts)
+            frame_scores.append(scores)
+            for f, count in enumerate(counts):
+                if count > 0:
+                    units.append(_Unit(video.frames, f, count, rank * 100_000 + f, video_capture))
+        chosen = self._select(units)
         t2 = _now(device)
 
-        keep_flat = ~image_mask.flatten()
-        for positions, k in zip(flat_positions, keep):
+        image_chosen = chosen[: len(flat)]
+        video_chosen, features_v, kept_per_frame = self._assemble_videos(videos, frame_counts, chosen[len(flat):])
+        selection = EncoderSelection(
+            features=[c.features for c in image_chosen] + [c.features for c in video_chosen],
+            kept_index=[c.kept_index for c in image_chosen] + [c.kept_index for c in video_chosen],
+            merged_into=_complete([c.merged_into for c in image_chosen + video_chosen]),
+            protected=_complete([c.protected for c in image_chosen + video_chosen]),
+        )
+        keep = [c.features.shape[0] for c in image_chosen + video_chosen]
+
+        keep_flat = ~adapter.visual_mask(input_ids).flatten()
+        for positions, k in zip(image_positions + video_positions, keep):
             keep_flat[positions[:k]] = True
         keep_mask = keep_flat.view_as(input_ids)
         valid = attention_mask.bool()
         survive = keep_mask & valid
         left = not bool((attention_mask[:, -1] == 0).any())
-        pad_id = getattr(self.adapter.text_config, "pad_token_id", None)
+        pad_id = getattr(adapter.text_config, "pad_token_id", None)
         new_ids, new_mask = repack_rows(input_ids, survive, pad_id if pad_id is not None else 0, left)
         new_labels = repack_rows(labels, survive, -100, left)[0] if labels is not None else None
         new_positions = None
         if position_ids is not None:
             new_positions = (new_mask.cumsum(dim=1) - 1).masked_fill(new_mask == 0, 0)
 
-        newlines = self._newlines(batches, selection)
-        stats = self._stats(valid, survive, keep, counts, newlines, batches[0].features.dtype, t1 - t0, t2 - t1)
+        newlines = self._newlines(images, image_chosen)
+        suffix = sum(v.suffix.shape[0] for v in videos)
+        newlines = (newlines[0] + suffix, newlines[1] + suffix)
+        dtype = (images[0].features if images else videos[0].frames.features).dtype
+        stats = self._stats(valid, survive, keep, image_counts + video_counts, newlines, dtype, t1 - t0, t2 - t1)
+        if videos:
+            stats.kept_per_frame = kept_per_frame
+            stats.frame_scores = frame_scores if any(s is not None for s in frame_scores) else None
+            stats.scoring_passes, stats.scoring_ms = runner.passes, runner.seconds * 1e3
+            stats.scoring_tokens, stats.scoring_flops = runner.tokens, runner.flops
         return RewrittenInputs(
             input_ids=new_ids,
             attention_mask=new_mask.to(attention_mask.dtype),
             labels=new_labels,
             position_ids=new_positions,
-            image_features=selection.features,
+            image_features=[c.features for c in image_chosen],
             keep_mask=keep_mask,
             selection=selection,
             stats=stats,
+            video_features=features_v,
         )
 
-    def _select(
-        self, batches: list[ImageBatch], rank_in_prompt: list[int], capture: AttentionCapture
-    ) -> tuple[EncoderSelection, list[int]]:
-        """Run the pruner once per group of images with equal layouts; results in placeholder order."""
-        members: dict[Any, list[tuple[int, ImageBatch, int]]] = {}
-        image = 0
-        for batch in batches:
-            for row in range(batch.num_images):
-                members.setdefault(batch.layout.key(), []).append((image, batch, row))
-                image += 1
-        features: list[Any] = [None] * image
-        kept_index: list[Any] = [None] * image
-        merged_into: list[Any] = [None] * image
-        protected: list[Any] = [None] * image
-        keep = [0] * image
-        for group in members.values():
-            whole = group[0][1]
-            if len(group) == whole.num_images and all(b is whole and r == j for j, (_, b, r) in enumerate(group)):
+    @staticmethod
+    def _positions(input_ids: torch.Tensor, token_id: int, counts: list[int], kind: str) -> list[torch.Tensor]:
+        """Flat placeholder positions of each image/video (row-major), checked against the encoded counts."""
+        mask = input_ids == token_id
+        placeholders = int(mask.sum())
+        if placeholders != sum(counts):
+            given = f"{len(counts)} {kind}(s) give {sum(counts)} visual tokens ({', '.join(map(str, counts))})"
+            if not counts:
+                given = f"the call has no {kind} pixels (pixel_values{'_videos' if kind == 'video' else ''})"
+            raise ValueError(
+                f"the prompt has {placeholders} {kind} placeholder tokens but {given}; build inputs with the "
+                f"model's processor, which expands each {kind} token to its number of visual tokens"
+            )
+        return list(mask.flatten().nonzero().squeeze(1).split(counts)) if counts else []
+
+    def _frame_counts(self, video: VideoBatch, prompt_ids: torch.Tensor,
+                      runner: ModelRunner) -> tuple[list[int], list[float] | None]:
+        """Per-frame token counts of one video: the budget over the whole video (suffix kept), split by the
+        pruner (evenly unless it assigns frames itself), checked to sum exactly."""
+        per_frame = video.frames.layout.num_tokens
+        suffix = video.suffix.shape[0]
+        total = tokens_to_keep(self.pruner.budget, video.num_tokens)
+        frame_total = min(max(total - suffix, 1), video.num_frames * per_frame)
+        ctx = VideoContext(video=video, total=frame_total, prompt_ids=prompt_ids, runner=runner)
+        counts = [int(c) for c in self.pruner.frame_counts(ctx)]
+        if len(counts) != video.num_frames or sum(counts) != frame_total or min(counts) < 0 or max(counts) > per_frame:
+            raise RuntimeError(f"{self.pruner.name} assigned {counts} tokens over {video.num_frames} frames of "
+                               f"{per_frame}; expected non-negative counts summing to {frame_total}")
+        return counts, ctx.frame_scores
+
+    def _select(self, units: list[_Unit]) -> list[_Chosen]:
+        """Run the pruner once per group of units with equal layout, budget and capture; results in unit order."""
+        groups: dict[Any, list[int]] = {}
+        for i, unit in enumerate(units):
+            groups.setdefault((unit.batch.layout.key(), unit.requested, id(unit.capture)), []).append(i)
+        out: list[Any] = [None] * len(units)
+        for members in groups.values():
+            first = units[members[0]]
+            whole = first.batch
+            if len(members) == whole.num_images and all(units[i].batch is whole and units[i].row == j
+                                                        for j, i in enumerate(members)):
                 images = whole  # one adapter batch, in order (LLaVA-1.5): no copy
             else:
-                images = ImageBatch.cat([batch.rows([row]) for _, batch, row in group])
-            count = self.pruner.output_count(tokens_to_keep(self.pruner.budget, images.layout.num_tokens), images)
-            ctx = EncoderContext(images=images, keep=[count] * len(group),
-                                 image_index_in_prompt=[rank_in_prompt[i] for i, _, _ in group], capture=capture)
+                images = ImageBatch.cat([units[i].batch.rows([units[i].row]) for i in members])
+            count = self.pruner.output_count(first.requested, images)
+            ctx = EncoderContext(images=images, keep=[count] * len(members),
+                                 image_index_in_prompt=[units[i].rank for i in members], capture=first.capture,
+                                 requested=[first.requested] * len(members))
             chosen = self.pruner.select(ctx)
-            for j, (i, _, _) in enumerate(group):
+            for j, i in enumerate(members):
                 got = chosen.features[j].shape[0]
                 if got > count or (got < count and not self.pruner.adaptive_count) or got == 0:
                     raise RuntimeError(f"{self.pruner.name} returned {got} tokens for image {i}, expected {count}")
-                features[i], kept_index[i], keep[i] = chosen.features[j], chosen.kept_index[j], got
-                merged_into[i] = chosen.merged_into[j] if chosen.merged_into is not None else None
-                protected[i] = chosen.protected[j] if chosen.protected is not None else None
-        complete = lambda values: values if all(v is not None for v in values) else None  # noqa: E731
-        selection = EncoderSelection(features=features, kept_index=kept_index, merged_into=complete(merged_into),
-                                     protected=complete(protected))
-        return selection, keep
+                out[i] = _Chosen(chosen.features[j], chosen.kept_index[j],
+                                 chosen.merged_into[j] if chosen.merged_into is not None else None,
+                                 chosen.protected[j] if chosen.protected is not None else None)
+        return out
 
     @staticmethod
-    def _newlines(batches: list[ImageBatch], selection: EncoderSelection) -> tuple[int, int]:
-        """(newline tokens in, newline tokens that reach the LLM as themselves)."""
+    def _assemble_videos(videos: list[VideoBatch], frame_counts: list[list[int]],
+                         chosen: list[_Chosen]) -> tuple[list[_Chosen], list[torch.Tensor], list[list[int]]]:
+        """Each video's kept frame tokens in temporal order, then its suffix; indices over the video's tokens
+        (frame ``f``'s token ``j`` is ``f·n + j``; the suffix follows the last frame)."""
+        out, features, kept_per_frame = [], [], []
+        it = iter(chosen)
+        for video, counts in zip(videos, frame_counts):
+            n, frames = video.frames.layout.num_tokens, video.num_frames
+            parts, index, merged, protected, kept, slot = [], [], [], [], [], 0
+            for f, count in enumerate(counts):
+                if count == 0:
+                    kept.append(0)
+                    merged.append(torch.full((n,), -1, dtype=torch.long, device=video.suffix.device))
+                    continue
+                c = next(it)
+                parts.append(c.features)
+                index.append(c.kept_index + f * n)
+                merged.append(None if c.merged_into is None else torch.where(c.merged_into >= 0, c.merged_into + slot,
+                                                                             c.merged_into))
+                protected.append(None if c.protected is None else c.protected + slot)
+                kept.append(c.features.shape[0])
+                slot += c.features.shape[0]
+            suffix = video.suffix.shape[0]
+            device = video.suffix.device
+            parts.append(video.suffix)
+            index.append(torch.arange(frames * n, frames * n + suffix, device=device))
+            merged_all = None
+            if all(m is not None for m in merged):
+                merged_all = torch.cat([*merged, torch.arange(slot, slot + suffix, device=device)])
+            protected_all = torch.cat(protected) if protected and all(p is not None for p in protected) else None
+            video_features = torch.cat(parts)
+            out.append(_Chosen(video_features, torch.cat(index), merged_all, protected_all))
+            features.append(video_features)
+            kept_per_frame.append(kept)
+        return out, features, kept_per_frame
+
+    @staticmethod
+    def _newlines(batches: list[ImageBatch], chosen: list[_Chosen]) -> tuple[int, int]:
+        """(newline tokens in, newline tokens that reach the LLM as themselves) of the images."""
         layouts = [b.layout for b in batches for _ in range(b.num_images)]
         total = sum(layout.num_newlines for layout in layouts)
-        kept = sum(int(layout.newline[idx.cpu()].sum()) for layout, idx in zip(layouts, selection.kept_index))
+        kept = sum(int(layout.newline[c.kept_index.cpu()].sum()) for layout, c in zip(layouts, chosen))
         return total, kept
 
     def _stats(

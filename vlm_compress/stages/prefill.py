@@ -214,7 +214,7 @@ class PrefillStage:
         self._mlp_scales = {}
         if input_ids is None:
             raise ValueError("in-LLM compression needs input_ids (not inputs_embeds) to find the image tokens")
-        visual = input_ids == self.adapter.image_token_id
+        visual = self.adapter.visual_mask(input_ids)
         if not visual.any():
             return  # text-only prompt: every layer runs untouched
         b, s = input_ids.shape
