@@ -61,3 +61,15 @@ def assert_batch_equals_single(model, processor, images, batch, steps=3):
         one = model.generate(**single(processor, images, i), **greedy)
         assert torch.equal(out.sequences[i, width:], one.sequences[0, -steps:])
         torch.testing.assert_close(out.logits[0][i], one.logits[0][0], rtol=1e-4, atol=1e-4)
+
+
+def assert_video_batch_equals_single(model, processor, clips, prompts, batch, steps=2):
+    """As :func:`assert_batch_equals_single` for a batch of videos (one per prompt)."""
+    greedy = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+    out = model.generate(**batch, **greedy)
+    width = batch["input_ids"].shape[1]
+    for i, clip in enumerate(clips):
+        one = model.generate(**processor(videos=[clip], text=[prompts[i]], return_tensors="pt"), **greedy)
+        assert torch.equal(out.sequences[i, width:], one.sequences[0, -steps:])
+        torch.testing.assert_close(out.logits[0][i], one.logits[0][0], rtol=1e-4, atol=1e-4)

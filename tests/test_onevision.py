@@ -12,6 +12,8 @@ from vlm_compress.adapters.base import find_encoder_layers
 from vlm_compress.pruners.random import RandomPruner
 from vlm_compress.testing import LlavaDims, build_onevision, build_onevision_processor, random_images
 
+from conftest import assert_video_batch_equals_single
+
 DIMS = LlavaDims(image_size=56, patch_size=7, text_layers=3)  # 8×8 tower grid → 4×4 = 16 tokens per frame
 VIDEO_PROMPTS = ["USER: <video>\nwhat color is the square ? ASSISTANT:", "USER: <video>\nhow many ? ASSISTANT:"]
 ENCODER_METHODS = [m for m in list_methods("encoder") if m not in ("mqt", "quota")]  # quota: test_quota.py
@@ -88,13 +90,7 @@ def test_video_batch_equals_single(ov, video_batch):
     model, processor = ov
     compress(model, 0.3, "cls_attn")
     try:
-        greedy = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
-        out = model.generate(**video_batch, **greedy)
-        width = video_batch["input_ids"].shape[1]
-        for i, clip in enumerate(videos()):
-            one = model.generate(**processor(videos=[clip], text=[VIDEO_PROMPTS[i]], return_tensors="pt"), **greedy)
-            assert torch.equal(out.sequences[i, width:], one.sequences[0, -3:])
-            torch.testing.assert_close(out.logits[0][i], one.logits[0][0], rtol=1e-4, atol=1e-4)
+        assert_video_batch_equals_single(model, processor, videos(), VIDEO_PROMPTS, video_batch, steps=3)
     finally:
         restore(model)
 

@@ -11,6 +11,8 @@ from vlm_compress.pruners.quota import (
 )
 from vlm_compress.testing import LlavaDims, build_onevision, build_onevision_processor
 
+from conftest import assert_video_batch_equals_single
+
 DIMS = LlavaDims(image_size=56, patch_size=7)  # 4×4 = 16 pooled tokens per frame
 PROMPTS = ["USER: <video>\nwhat color is the square ? ASSISTANT:", "USER: <video>\nhow many circle ? ASSISTANT:"]
 
@@ -68,11 +70,23 @@ def test_bilinear_tokens_formula():
     assert merged.view(4, 4).tolist() == [[0, 1, 1, -1], [0, 1, 1, -1], [2, 3, 3, 4], [2, 3, 3, 4]]
 
 
+def stats_of(model, inputs, budget, **options):
+    """``model.compression.stats`` of one forward under ``quota`` with ``options``; the model restored after."""
+    compress(model, budget, "quota", **options)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        return model.compression.stats
+    finally:
+        restore(model)
+
+
 @pytest.fixture(scope="module")
 def ov(tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    tokenizer.save_pretrained(path)
-    return build_onevision(tokenizer, DIMS), build_onevision_processor(tokenizer, DIMS), str(path)
+    path = tmp_path_factory.mktemp("onevision")
+    processor = build_onevision_processor(tokenizer, DIMS)
+    processor.save_pretrained(path)  # the tokenizer and the video processor (a separate scorer reads its normalisation)
+    return build_onevision(tokenizer, DIMS), processor, str(path)
 
 
 @pytest.fixture(scope="module")
@@ -131,26 +145,38 @@ def test_scores_fall_back_to_the_question_and_drive_the_counts(ov, clips, video_
     assert stats.scoring_ms > 0 and stats.scoring_tokens > 0 and stats.scoring_flops > 0
 
 
+def test_another_model_scores_the_frames_as_images(ov, clips, video_batch, tokenizer, tmp_path):
+    """scorer=PATH: each frame, un-normalised back to pixels, goes through the scorer's own processor as an image."""
+    from PIL import Image
+
+    from vlm_compress.testing import build_llava, build_processor
+
+    scorer, scorer_processor = build_llava(tokenizer, seed=3), build_processor(tokenizer)
+    scorer.save_pretrained(tmp_path)
+    scorer_processor.save_pretrained(tmp_path)
+    model, _, path = ov
+    stats = stats_of(model, video_batch, 0.3, tokenizer=path, scorer=str(tmp_path), decouple=False)
+    yes, no = _answer_ids(tokenizer, "yes"), _answer_ids(tokenizer, "no")
+    for v, clip in enumerate(clips):
+        question = PROMPTS[v].split("\n")[1].replace(" ASSISTANT:", "")
+        text = "USER: <image>\n" + QUESTION_TEMPLATE.format(question=question) + " ASSISTANT:"
+        inputs = scorer_processor(images=[Image.fromarray(f) for f in clip], text=[text] * len(clip),
+                                  return_tensors="pt")
+        with torch.no_grad():
+            logits = scorer(**inputs).logits[:, -1]
+        both = torch.stack([logits[:, yes].logsumexp(-1), logits[:, no].logsumexp(-1)], -1)
+        assert stats.frame_scores[v] == pytest.approx(both.softmax(-1)[:, 0].tolist(), abs=1e-4)
+    assert stats.scoring_passes == 2
+
+
 def test_without_decoupling_only_scoring_passes(ov, video_batch):
     model, _, path = ov
-    compress(model, 0.3, "quota", tokenizer=path, decouple=False)
-    try:
-        with torch.no_grad():
-            model(**video_batch)
-        assert model.compression.stats.scoring_passes == 2  # one pass of 4 frames per video
-    finally:
-        restore(model)
+    assert stats_of(model, video_batch, 0.3, tokenizer=path, decouple=False).scoring_passes == 2  # 4 frames a pass
 
 
 def test_uniform_assignment_is_the_even_split_without_scoring(ov, video_batch):
     model, _, path = ov
-    compress(model, 0.3, "quota", tokenizer=path, assign="uniform")
-    try:
-        with torch.no_grad():
-            model(**video_batch)
-        stats = model.compression.stats
-    finally:
-        restore(model)
+    stats = stats_of(model, video_batch, 0.3, tokenizer=path, assign="uniform")
     assert stats.scoring_passes == 0 and stats.frame_scores is None
     assert stats.kept_per_frame == [[5, 5, 5, 4]] * 2  # 19 frame tokens + the newline = round(0.3 · 65)
 
@@ -173,13 +199,7 @@ def test_batch_equals_single(ov, clips, video_batch):
     model, processor, path = ov
     compress(model, 0.25, "quota", tokenizer=path, decouple=False)
     try:
-        greedy = dict(max_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_logits=True)
-        out = model.generate(**video_batch, **greedy)
-        width = video_batch["input_ids"].shape[1]
-        for i, clip in enumerate(clips):
-            one = model.generate(**processor(videos=[clip], text=[PROMPTS[i]], return_tensors="pt"), **greedy)
-            assert torch.equal(out.sequences[i, width:], one.sequences[0, -2:])
-            torch.testing.assert_close(out.logits[0][i], one.logits[0][0], rtol=1e-4, atol=1e-4)
+        assert_video_batch_equals_single(model, processor, clips, PROMPTS, video_batch)
     finally:
         restore(model)
 

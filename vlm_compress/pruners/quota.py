@@ -28,9 +28,11 @@ Choices the paper and code leave open, and our differences:
 * **Newlines.** The installed transformers' OneVision closes a video with one newline (kept, counted in the
   budget); the official LLaVA-Video code adds one per row of each frame.
 * **Frames and scorer input.** We score the frames the processor gave (no QuoTA-specific dynamic frame count:
-  the caller samples frames, :func:`vlm_compress.video.read_video`), each as a one-frame video of the scorer —
-  the same pooled tokens the model sees — where the official scorer (Qwen2-VL-2B) sees each frame as a
-  high-resolution image. A separate ``scorer`` must take this model's video inputs (same family and image size).
+  the caller samples frames, :func:`vlm_compress.video.read_video`). The default scorer is the model itself,
+  uncompressed, each frame a one-frame video (the pooled tokens the model sees). A separate ``scorer`` (any
+  supported VLM, like the reference's Qwen2-VL-2B) sees each frame as an image through its own processor: the
+  frames are un-normalised from this model's video processor, so it sees them at this model's input size, not
+  the source resolution. Its prompts are wrapped in the same ``prompt_format``.
 * **Within a frame.** ``within`` may name any single-grid encoder method (e.g. ``"cls_attn"``), so QuoTA's
   assignment can be compared with the uniform split of the same method; AnyRes images (image prompts) are
   reduced by ``pool`` under ``within="bilinear"``.
@@ -44,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -162,8 +164,9 @@ class QuotaPruner(EncoderPruner):
         default=None, metadata={"help": "Directory of the model's tokenizer (builds the scoring prompts); default: "
                                 "the directory the model was loaded from."})
     scorer: str | None = dataclasses.field(
-        default=None, metadata={"help": "Directory of a scorer VLM of the same family and image size; default: "
-                                "the model itself, run uncompressed."})
+        default=None, metadata={"help": "Directory of another supported VLM that scores each frame as an image "
+                                "(the reference uses Qwen2-VL-2B); default: the model itself, uncompressed, "
+                                "each frame as a one-frame video."})
     entity_template: str = dataclasses.field(default=ENTITY_TEMPLATE, metadata={"help": "Frame prompt with entities."})
     question_template: str = dataclasses.field(default=QUESTION_TEMPLATE, metadata={"help": "Frame prompt without."})
     decouple_template: str = dataclasses.field(default=DECOUPLE_TEMPLATE, metadata={"help": "Decoupling prompt."})
@@ -208,8 +211,8 @@ class QuotaPruner(EncoderPruner):
                              "videos (use it on LlavaOnevisionForConditionalGeneration)")
         self._inner.check(adapter)
         self.__dict__["_tokenizer"] = self._load_tokenizer(adapter.model)
-        device = next(adapter.model.parameters()).device
-        self.__dict__["_scorer"] = self._load_scorer().to(device) if self.scorer is not None else None
+        if self.scorer is not None:
+            self.__dict__["_scorer"] = self._load_scorer(adapter.model)
 
     def _load_tokenizer(self, model: torch.nn.Module) -> Any:
         from transformers import AutoTokenizer
@@ -225,10 +228,26 @@ class QuotaPruner(EncoderPruner):
                 f"{path!r} ({error}); pass tokenizer='path/to/dir' (a directory with the tokenizer files), e.g. "
                 f"compress(model, 0.1, 'quota', tokenizer=model_dir)") from None
 
-    def _load_scorer(self) -> torch.nn.Module:
-        from transformers import AutoModelForImageTextToText
+    def _load_scorer(self, model: torch.nn.Module) -> "_ImageScorer":
+        """The scorer VLM and its processor, and how to turn this model's frames back into pixels (its video
+        processor's normalisation, read from the model's directory)."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        return AutoModelForImageTextToText.from_pretrained(self.scorer).eval()
+        from ..adapters import get_adapter
+
+        path = self.tokenizer or getattr(model.config, "_name_or_path", None)
+        try:
+            own = AutoProcessor.from_pretrained(path).video_processor
+            processor = AutoProcessor.from_pretrained(self.scorer)
+            scorer = AutoModelForImageTextToText.from_pretrained(self.scorer).eval()
+        except (OSError, ValueError, AttributeError) as error:
+            raise ValueError(f"quota could not load the scorer {self.scorer!r} with its processor, or this model's "
+                             f"video processor from {path!r} ({error}); pass scorer= a local VLM checkpoint "
+                             "directory and tokenizer= this model's directory") from None
+        get_adapter(scorer)  # a supported model, or a TypeError naming the supported ones
+        device = next(model.parameters()).device
+        return _ImageScorer(scorer.to(device), processor, own.image_mean, own.image_std,
+                            own.rescale_factor if own.do_rescale else 1.0)
 
     def __deepcopy__(self, memo: dict) -> "QuotaPruner":
         """A copy shares the loaded tokenizer and scorer (read-only), not a deep copy of them."""
@@ -258,14 +277,18 @@ class QuotaPruner(EncoderPruner):
         prompt = self.prompt_format.format(visual="", text=self.decouple_template.format(question=query))
         inputs = tokenizer(prompt, return_tensors="pt")
         device = ctx.video.suffix.device
-        new = ctx.runner.generate(
-            model=self.__dict__.get("_scorer"), input_ids=inputs["input_ids"].to(device),
+        new = ctx.runner.generate(  # the model itself, uncompressed (the reference runs the main LVLM)
+            input_ids=inputs["input_ids"].to(device),
             attention_mask=inputs["attention_mask"].to(device), max_new_tokens=self.decouple_tokens, do_sample=False,
         )
         return parse_entities(tokenizer.decode(new[0], skip_special_tokens=True))
 
     def frame_scores(self, text: str, ctx: VideoContext, video_token_id: int) -> list[float]:
-        """Part (ii): ``P(yes)/(P(yes)+P(no))`` per frame for the frame prompt ``text``."""
+        """Part (ii): ``P(yes)/(P(yes)+P(no))`` per frame for the frame prompt ``text``: each frame as a one-frame
+        video of the model itself, or as an image of the ``scorer``."""
+        scorer = self.__dict__.get("_scorer")
+        if scorer is not None:
+            return scorer.scores(self.prompt_format, text, ctx, self.score_batch)
         tokenizer = self.__dict__["_tokenizer"]
         video_token = tokenizer.convert_ids_to_tokens(video_token_id)
         ids = tokenizer(self.prompt_format.format(visual=video_token, text=text), return_tensors="pt")["input_ids"][0]
@@ -281,11 +304,10 @@ class QuotaPruner(EncoderPruner):
             chunk = pixels[start:start + self.score_batch]
             batch = ids[None].expand(chunk.shape[0], -1).to(pixels.device)
             logits = ctx.runner.forward(
-                model=self.__dict__.get("_scorer"), input_ids=batch, attention_mask=torch.ones_like(batch),
-                pixel_values_videos=chunk[:, None], logits_to_keep=1,
-            ).logits[:, -1].float()
-            both = torch.stack([logits[:, yes].logsumexp(-1), logits[:, no].logsumexp(-1)], -1)
-            scores += both.softmax(-1)[:, 0].tolist()
+                input_ids=batch, attention_mask=torch.ones_like(batch), pixel_values_videos=chunk[:, None],
+                logits_to_keep=1,
+            ).logits[:, -1]
+            scores += yes_probability(logits, yes, no)
         return scores
 
     # ---- part (iii) ------------------------------------------------------------------------------------
@@ -316,6 +338,47 @@ class QuotaPruner(EncoderPruner):
         count = tokens.shape[0]
         return EncoderSelection(features=list(tokens.unbind(0)), kept_index=[source] * count,
                                 merged_into=[merged_into] * count)
+
+
+def yes_probability(logits: torch.Tensor, yes: list[int], no: list[int]) -> list[float]:
+    """``[B, V]`` next-token logits → ``P(yes) / (P(yes) + P(no))`` per row (each answer's token ids pooled)."""
+    logits = logits.float()
+    both = torch.stack([logits[:, yes].logsumexp(-1), logits[:, no].logsumexp(-1)], -1)
+    return both.softmax(-1)[:, 0].tolist()
+
+
+@dataclasses.dataclass
+class _ImageScorer:
+    """Another VLM scoring frames as images (the reference uses Qwen2-VL-2B): this model's frames are
+    un-normalised back to pixels (``(x·std + mean) / rescale``) and given to the scorer's own processor."""
+
+    model: torch.nn.Module
+    processor: Any
+    mean: Sequence[float]
+    std: Sequence[float]
+    rescale: float
+
+    def frames(self, pixel_values: torch.Tensor) -> list[Any]:
+        from PIL import Image
+
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        pixels = ((pixel_values.float().cpu() * std + mean) / self.rescale).round().clamp(0, 255).to(torch.uint8)
+        return [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in pixels]
+
+    def scores(self, prompt_format: str, text: str, ctx: VideoContext, batch_size: int) -> list[float]:
+        tokenizer = self.processor.tokenizer
+        prompt = prompt_format.format(visual=self.processor.image_token, text=text)
+        yes, no = _answer_ids(tokenizer, "yes"), _answer_ids(tokenizer, "no")
+        images = self.frames(ctx.video.pixel_values)
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            inputs = self.processor(images=chunk, text=[prompt] * len(chunk), return_tensors="pt", padding=True)
+            logits = ctx.runner.forward(model=self.model, **inputs.to(device), logits_to_keep=1).logits[:, -1]
+            scores += yes_probability(logits, yes, no)
+        return scores
 
 
 def _answer_ids(tokenizer: Any, word: str) -> list[int]:
