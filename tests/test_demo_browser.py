@@ -1,9 +1,12 @@
 """End to end in a real headless browser: the demo page, driven with Playwright and Debian's chromium.
 
 Starts ``python -m vlm_compress.demo`` on a free local port, runs two budgets on an example image, checks the two
-answers, the two overlays and the uncompressed answer, uploads a non-image file and checks the message, takes a
-screenshot into the test's temp dir, and stops the server by its process id. Needs the ``demo`` extra, the
-``playwright`` package and a chromium executable (``CHROMIUM`` or ``/usr/bin/chromium``); the CI installs them.
+answers, the two overlays and the uncompressed answer, uploads a non-image file and checks the message; in the Video
+tab, runs QuoTA and its uniform split on a bundled clip, checks the two frame strips and the table, uploads a PNG
+and checks the message. Screenshots go into the test's temp dir; the server is stopped by its process id. The video
+tab serves the embedded tiny-onevision once it is trained (``--video-model`` otherwise: a random one saved in the
+temp dir). Needs the ``demo`` extra, the ``playwright`` package and a chromium executable (``CHROMIUM`` or
+``/usr/bin/chromium``); the CI installs them.
 """
 
 import os
@@ -17,6 +20,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from vlm_compress.bench.data import ASSETS
+from vlm_compress.demo.examples import example_clips
 
 pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -28,11 +35,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TRAINED_VIDEO_MODEL = ASSETS / "tiny-onevision"
+
+
+def random_video_model(path: Path) -> Path:
+    """A random-weight OneVision with the embedded one's sizes, saved with its processor and tokenizer."""
+    from vlm_compress.testing import LlavaDims, build_onevision, build_onevision_processor, build_tokenizer
+
+    tokenizer, dims = build_tokenizer(), LlavaDims(image_size=96, patch_size=8)
+    build_onevision(tokenizer, dims, tower="clip").save_pretrained(path)
+    build_onevision_processor(tokenizer, dims, tower="clip").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def video_model_args(tmp_path: Path) -> list[str]:
+    """The embedded tiny-onevision when it is there (the page's default), else a random one in ``tmp_path``."""
+    if all((TRAINED_VIDEO_MODEL / name).exists() for name in ("config.json", "model.safetensors", "train_log.json")):
+        return []
+    return ["--video-model", str(random_video_model(tmp_path / "tiny-onevision-random"))]
+
+
 @pytest.fixture()
-def server(tmp_path):
+def server(request, tmp_path):
+    """The demo's URL. Parametrise indirectly with "video" to serve a video model (:func:`video_model_args`)."""
+    extra = video_model_args(tmp_path) if getattr(request, "param", None) == "video" else []
     port = free_port()
     log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "vlm_compress.demo", "--port", str(port)], stdout=log,
+    process = subprocess.Popen([sys.executable, "-m", "vlm_compress.demo", "--port", str(port), *extra], stdout=log,
                                stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -88,3 +118,46 @@ def test_two_budgets_overlays_and_a_bad_upload_in_a_real_browser(server, tmp_pat
         page.screenshot(path=str(tmp_path / "demo_error.png"), full_page=True)
         browser.close()
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("server", ["video"], indirect=True)
+def test_quota_strips_and_a_bad_upload_in_the_video_tab(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"no chromium at {CHROMIUM}: apt-get install chromium, or set CHROMIUM"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(server)
+        page.get_by_role("tab", name="Video").click()
+        page.get_by_label("ShapesVideo clip 2").check()
+        question = example_clips()["ShapesVideo clip 2"].question
+        expect(page.get_by_label("Question about the video")).to_have_value(question)  # prefilled from the clip
+        for method in ("quota", "quota:assign=uniform"):  # the two defaults: make sure both are on
+            box = page.locator("#video-methods").get_by_label(method, exact=True)
+            if not box.is_checked():
+                box.check()
+        budgets = page.locator("#video-budgets")
+        for budget in ("0.5", "0.25", "0.1"):  # one budget
+            box = budgets.get_by_label(budget, exact=True)
+            if box.is_checked() != (budget == "0.25"):
+                box.click()
+        page.locator("#video-run").click()
+        expect(page.locator("#video-reference")).to_contain_text("Uncompressed answer:", timeout=120_000)
+        expect(page.locator("#video-strips img")).to_have_count(2, timeout=30_000)
+        captions = page.locator("#video-strips").inner_text()
+        assert "quota @ 0.25" in captions and "quota:assign=uniform @ 0.25" in captions, captions
+        table = page.locator("#video-results").inner_text()
+        assert "quota:assign=uniform" in table and "0.25" in table and "·" in table, table  # tokens per frame
+        page.screenshot(path=str(tmp_path / "video.png"), full_page=True)
+
+        bad = tmp_path / "x.png"
+        Image.new("RGB", (32, 32), "red").save(bad)
+        page.locator("#video-upload input[type=file]").set_input_files(str(bad))
+        page.locator("#video-run").click()
+        expect(page.locator("#video-status")).to_contain_text("x.png is not a video this demo can read",
+                                                              timeout=60_000)
+        expect(page.locator("#video-status")).to_contain_text("upload an MP4, WebM or AVI")
+        page.screenshot(path=str(tmp_path / "video_error.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "video.png").stat().st_size > 10_000

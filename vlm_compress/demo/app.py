@@ -1,9 +1,13 @@
-"""The Gradio page: one image and question, several methods × budgets side by side with the uncompressed answer.
+"""The Gradio page, two tabs: an image or a video and a question, several methods × budgets side by side with the
+uncompressed answer.
 
-    vlm-compress demo                       # the embedded tiny-llava on http://127.0.0.1:7860
-    vlm-compress demo --model PATH --port 7861
+    vlm-compress demo                       # the embedded tiny-llava / tiny-onevision on http://127.0.0.1:7860
+    vlm-compress demo --model PATH --video-model PATH --port 7861
 
-Binds to 127.0.0.1 unless told otherwise; Gradio's analytics are off.
+Image: one overlay per (method, budget) with the kept patches. Video: a bundled ShapesVideo clip or an upload
+(``--video-model``: a LLaVA-OneVision checkpoint), one strip of frame thumbnails per (method, budget) with each
+frame's kept patches, token count and, for QuoTA, relevance score. Binds to 127.0.0.1 unless told otherwise;
+Gradio's analytics are off.
 """
 
 from __future__ import annotations
@@ -16,11 +20,23 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
 from .compare import DEFAULT_MODEL, DemoInputError, compare, load_model  # noqa: E402
-from .examples import example_images  # noqa: E402
+from .examples import example_clips, example_images  # noqa: E402
+from .video import DEFAULT_VIDEO_MODEL, MAX_FRAMES, compare_video  # noqa: E402
 
 METHODS = ["random", "cls_attn", "fopru", "mustdrop", "visionzip", "fastv:layer=1", "mustdrop_llm", "atp"]
 BUDGETS = ["0.5", "0.33", "0.22", "0.11"]
 COLUMNS = ["method", "budget", "answer", "prefill ms", "visual tokens", "of", "LLM FLOPs %"]
+VIDEO_METHODS = ["quota", "quota:assign=uniform", "quota:within=cls_attn", "cls_attn", "random", "pool"]
+VIDEO_BUDGETS = ["0.5", "0.25", "0.1"]
+VIDEO_COLUMNS = ["method", "budget", "answer", "prefill ms", "visual tokens", "of", "tokens per frame", "scoring ms"]
+# the gallery crops its thumbnails to squares and lays label and captions over them: show each wide frame strip
+# whole, below the label, with its caption under it
+CSS = """
+#video-strips .grid-wrap { padding-top: var(--size-8); }
+#video-strips .thumbnail-item { aspect-ratio: auto; height: auto; }
+#video-strips .thumbnail-item img { height: auto; object-fit: contain; }
+#video-strips .caption-label { position: static; max-width: none; opacity: 1; border: none; }
+"""
 
 
 def bench_plots() -> list[str]:
@@ -33,10 +49,16 @@ def bench_plots() -> list[str]:
     return []
 
 
-def build(model_path: str | None = None):
-    """The ``gr.Blocks`` app."""
-    import gradio as gr
+def _failure(err: Exception) -> str:
+    """The status line for a failed run: the input error as it is, anything else as a failed run (logged)."""
+    if isinstance(err, DemoInputError):
+        return f"**Error:** {err}"
+    logging.getLogger(__name__).exception("demo run failed", exc_info=err)
+    return f"**Error:** the run failed ({type(err).__name__}: {err})"
 
+
+def image_tab(gr, model_path: str | None) -> None:
+    """The image tab: an example or uploaded image, one overlay per (method, budget)."""
     examples = example_images()
 
     def answer(example, upload, question, methods, budgets, path):
@@ -45,11 +67,8 @@ def build(model_path: str | None = None):
             source = upload if upload is not None else examples.get(example)
             reference, outcomes, note = compare(model, processor, source, question, list(methods or []),
                                                 [float(b) for b in budgets or []])
-        except DemoInputError as err:
-            return f"**Error:** {err}", "", [], []
         except Exception as err:  # a bug or an odd checkpoint: say so in the page, keep the server up
-            logging.getLogger(__name__).exception("demo run failed")
-            return f"**Error:** the run failed ({type(err).__name__}: {err})", "", [], []
+            return _failure(err), "", [], []
         rows = [[o.method, o.budget, o.answer, round(o.prefill_ms, 1), o.visual_tokens, o.visual_tokens_full,
                  round(o.flops_percent, 1)] for o in outcomes]
         gallery = [(o.overlay, f"{o.method} @ {o.budget}: {o.answer}") for o in outcomes]
@@ -57,39 +76,108 @@ def build(model_path: str | None = None):
                f"{reference.visual_tokens} visual tokens)"
         return note, full, rows, gallery
 
+    with gr.Row():
+        with gr.Column():
+            example = gr.Radio(list(examples), value=next(iter(examples), None), label="Example image")
+            upload = gr.File(label="…or upload an image", file_types=None, type="filepath", elem_id="upload")
+            question = gr.Textbox(label="Question", value="what color is the circle ?")
+            methods = gr.CheckboxGroup(METHODS, value=["cls_attn"], label="Methods")
+            budgets = gr.CheckboxGroup(BUDGETS, value=["0.5", "0.22"], label="Budgets (share of visual tokens)")
+            path = gr.Textbox(label="Model (local checkpoint directory)", value=str(model_path or DEFAULT_MODEL))
+            run = gr.Button("Run", variant="primary", elem_id="run")
+        with gr.Column():
+            status = gr.Markdown(elem_id="status")
+            reference = gr.Markdown(elem_id="reference")
+            table = gr.Dataframe(headers=COLUMNS, elem_id="results", interactive=False)
+            gallery = gr.Gallery(label="Overlays", elem_id="overlays", columns=2, height="auto")
+    run.click(answer, [example, upload, question, methods, budgets, path], [status, reference, table, gallery])
+
+
+def clip_note(label: str, sample) -> str:
+    """What a bundled clip should be answered with, and where its answer is (ShapesVideo's key frames)."""
+    keys = ", ".join(f"#{f + 1}" for f in sample.key_frames) or "none"
+    return f"{label}: the expected answer is **{sample.answer}** (frames holding it: {keys})."
+
+
+def video_tab(gr, model_path: str | None) -> None:
+    """The video tab: a bundled clip or an uploaded video, one strip of frame thumbnails per (method, budget)."""
+    clips = example_clips()
+    first = next(iter(clips.values()), None)
+
+    def answer(clip, upload, question, methods, budgets, frames, path):
+        try:
+            model, processor = load_model(path or model_path or str(DEFAULT_VIDEO_MODEL))
+            source = upload if upload is not None else getattr(clips.get(clip), "frames", None)
+            reference, outcomes, note = compare_video(model, processor, source, question, list(methods or []),
+                                                      [float(b) for b in budgets or []], frames)
+        except Exception as err:  # a bug or an odd checkpoint: say so in the page, keep the server up
+            return _failure(err), "", [], []
+        if upload is None:
+            note = "\n\n".join(n for n in (clip_note(clip, clips[clip]), note) if n)
+        rows = [[o.method, o.budget, o.answer, round(o.prefill_ms, 1), o.visual_tokens, o.visual_tokens_full,
+                 o.per_frame, round(o.scoring_ms, 1)] for o in outcomes]
+        gallery = [(o.strip, f"{o.method} @ {o.budget}: {o.answer}") for o in outcomes]
+        full = f"**Uncompressed answer:** {reference.answer} ({reference.prefill_ms:.1f} ms prefill, " \
+               f"{len(reference.kept_per_frame)} frames × {reference.kept_per_frame[0]} + 1 = " \
+               f"{reference.visual_tokens} visual tokens)"
+        return note, full, rows, gallery
+
+    with gr.Row():
+        with gr.Column(scale=2):
+            clip = gr.Radio(list(clips), value=next(iter(clips), None), label="Bundled clip", elem_id="video-clip")
+            upload = gr.File(label="…or upload a video (MP4, WebM, AVI)", file_types=None, type="filepath",
+                             elem_id="video-upload")
+            question = gr.Textbox(label="Question about the video", value=first.question if first else "",
+                                  elem_id="video-question")
+            methods = gr.CheckboxGroup(VIDEO_METHODS, value=VIDEO_METHODS[:2], label="Methods",
+                                       elem_id="video-methods")
+            budgets = gr.CheckboxGroup(VIDEO_BUDGETS, value=["0.25", "0.1"], label="Budgets (share of visual tokens)",
+                                       elem_id="video-budgets")
+            frames = gr.Slider(1, MAX_FRAMES, value=8, step=1, label="Frames to sample from an upload",
+                               elem_id="video-frames")
+            path = gr.Textbox(label="Video model (local LLaVA-OneVision checkpoint directory)",
+                              value=str(model_path or DEFAULT_VIDEO_MODEL), elem_id="video-model")
+            run = gr.Button("Run", variant="primary", elem_id="video-run")
+        with gr.Column(scale=3):
+            status = gr.Markdown(elem_id="video-status")
+            reference = gr.Markdown(elem_id="video-reference")
+    table = gr.Dataframe(headers=VIDEO_COLUMNS, elem_id="video-results", interactive=False)
+    gallery = gr.Gallery(label="Kept tokens per frame (under each frame: its tokens and, for QuoTA, its relevance)",
+                         elem_id="video-strips", columns=1, height="auto", object_fit="contain")
+    clip.change(lambda label: clips[label].question if label in clips else gr.skip(), clip, question)
+    run.click(answer, [clip, upload, question, methods, budgets, frames, path], [status, reference, table, gallery])
+
+
+def build(model_path: str | None = None, video_model_path: str | None = None):
+    """The ``gr.Blocks`` app: an Image tab (``model_path``, default tiny-llava) and a Video tab
+    (``video_model_path``, default tiny-onevision)."""
+    import gradio as gr
+
     with gr.Blocks(title="vlm-compress", analytics_enabled=False) as app:
         gr.Markdown("# vlm-compress: visual-token compression, side by side\nKept patches as they are, merged ones "
                     "blue, dropped ones dark. In-LLM methods show the tokens alive after the last layer.")
-        with gr.Row():
-            with gr.Column():
-                example = gr.Radio(list(examples), value=next(iter(examples), None), label="Example image")
-                upload = gr.File(label="…or upload an image", file_types=None, type="filepath", elem_id="upload")
-                question = gr.Textbox(label="Question", value="what color is the circle ?")
-                methods = gr.CheckboxGroup(METHODS, value=["cls_attn"], label="Methods")
-                budgets = gr.CheckboxGroup(BUDGETS, value=["0.5", "0.22"], label="Budgets (share of visual tokens)")
-                path = gr.Textbox(label="Model (local checkpoint directory)", value=str(model_path or DEFAULT_MODEL))
-                run = gr.Button("Run", variant="primary", elem_id="run")
-            with gr.Column():
-                status = gr.Markdown(elem_id="status")
-                reference = gr.Markdown(elem_id="reference")
-                table = gr.Dataframe(headers=COLUMNS, elem_id="results", interactive=False)
-                gallery = gr.Gallery(label="Overlays", elem_id="overlays", columns=2, height="auto")
+        with gr.Tab("Image", elem_id="image-tab"):
+            image_tab(gr, model_path)
+        with gr.Tab("Video", elem_id="video-tab"):
+            video_tab(gr, video_model_path)
         plots = bench_plots()
         if plots:
             with gr.Accordion("Recorded benchmark curves (eval/results)", open=False):
                 gr.Gallery(plots, columns=2, height="auto", show_label=False)
-        run.click(answer, [example, upload, question, methods, budgets, path], [status, reference, table, gallery])
     return app
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlm-compress demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="local checkpoint directory (default: the embedded tiny-llava)")
+    parser.add_argument("--model", help="the image tab's local checkpoint directory (default: the embedded tiny-llava)")
+    parser.add_argument("--video-model", help="the video tab's local LLaVA-OneVision checkpoint directory "
+                                              "(default: the embedded tiny-onevision)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
-    build(args.model).launch(server_name=args.host, server_port=args.port, show_error=True)
+    build(args.model, args.video_model).launch(server_name=args.host, server_port=args.port, show_error=True,
+                                           css=CSS)
 
 
 if __name__ == "__main__":

@@ -42,12 +42,16 @@ class Outcome:
 
 @functools.lru_cache(maxsize=2)
 def load_model(path: str | None = None):
-    """(model, processor) from a local checkpoint directory (default: the embedded tiny-llava), left padding."""
+    """(model, processor) from a local checkpoint directory (default: the embedded tiny-llava), left padding.
+
+    Any checkpoint ``AutoModelForImageTextToText`` loads and an adapter supports: LLaVA-1.5, LLaVA-NeXT,
+    LLaVA-OneVision (the video tab's)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = Path(path or DEFAULT_MODEL).expanduser()
     if not (path / "config.json").exists():
-        raise DemoInputError(f"no model at {path}: give a local LLaVA / LLaVA-NeXT checkpoint directory")
+        raise DemoInputError(f"no model at {path}: give a local LLaVA / LLaVA-NeXT / LLaVA-OneVision checkpoint "
+                             "directory")
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
         processor = AutoProcessor.from_pretrained(path)
