@@ -24,6 +24,7 @@ browser:
 
 example: setup
 	$(PY) examples/quickstart.py
+	$(PY) examples/video_quickstart.py
 
 demo: setup
 	$(PY) -m vlm_compress.demo

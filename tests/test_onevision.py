@@ -231,3 +231,47 @@ def test_video_needs_its_pixels(ov, video_batch):
             model(**inputs)
     finally:
         restore(model)
+
+
+def test_anyres_max_shrunk_grid_maps_to_the_nearest_tower_tokens(tokenizer):
+    """anyres_max_1: the 16×16 high-resolution grid of 2×2 crops is shrunk bilinearly to 8×8; every packed token maps
+    to the tower token nearest its interpolated position (every other row and column of its crop)."""
+    model, processor = build_onevision(tokenizer, DIMS), build_onevision_processor(tokenizer, DIMS)
+    model.config.vision_aspect_ratio = processor.vision_aspect_ratio = "anyres_max_1"
+    inputs = processor(images=random_images(1, (112, 112)), text=["USER: <image>\nwhat ? ASSISTANT:"],
+                       return_tensors="pt")
+    batch = get_adapter(model).encode_images(inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                             batch_num_images=inputs["batch_num_images"])[0]
+    layout = batch.layout
+    assert layout.grids == {0: (8, 8), 1: (8, 8)} and layout.num_newlines == 8 and layout.crop_layout == (2, 2)
+    first_row = batch.source[0, 64:73].tolist()  # tower images: 0 the base grid, 1–4 the crops (64 tokens each)
+    assert first_row == [64, 66, 68, 70, 128, 130, 132, 134, -1]  # crop 0's row 0, crop 1's row 0, newline
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        compress(model, 1.0, "hired")
+        same = model(**inputs).logits
+        restore(model)
+    assert torch.equal(same, reference)
+
+
+def test_mustdrop_key_set_survives_in_llm_stage_on_video(tokenizer):
+    """MustDrop's stage-1 key set, held per frame, is found at the video's placeholders and never dropped later."""
+    from vlm_compress.pruners.mustdrop import MustDropPruner
+    from vlm_compress.pruners.mustdrop_llm import MustDropLLMPruner
+
+    dims = LlavaDims(image_size=56, patch_size=7, text_layers=4)
+    model, processor = build_onevision(tokenizer, dims), build_onevision_processor(tokenizer, dims)
+    inputs = processor(videos=videos(), text=VIDEO_PROMPTS, return_tensors="pt", padding=True)
+    compress(model, method=[MustDropPruner(budget=0.7), MustDropLLMPruner(budget=0.7)])
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        state = model.compression
+        protected = state.last.selection.protected
+        ctx = state.prefill.ctx
+        video = state.last.input_ids == model.config.video_token_id
+        assert ctx.protected.sum(dim=1).tolist() == [len(p) for p in protected]
+        assert bool((ctx.protected <= video).all()) and bool(ctx.alive[ctx.protected].all())
+        assert state.stats.layer_visual_tokens[-1] < state.stats.layer_visual_tokens[0]
+    finally:
+        restore(model)
