@@ -169,6 +169,16 @@ def test_another_model_scores_the_frames_as_images(ov, clips, video_batch, token
     assert stats.scoring_passes == 2
 
 
+def test_scorer_by_embedded_name(ov, video_batch):
+    model, _, path = ov
+    stats = stats_of(model, video_batch, 0.3, tokenizer=path, scorer="tiny-llava", decouple=False,
+                     entity_template="is there a {entities} ?")
+    assert all(len(s) == 4 and all(0 <= x <= 1 for x in s) for s in stats.frame_scores)
+    with pytest.raises(ValueError, match="could not load the scorer 'no-such-model'"):
+        compress(model, 0.3, "quota", tokenizer=path, scorer="no-such-model")
+    assert "compression" not in model.__dict__
+
+
 def test_without_decoupling_only_scoring_passes(ov, video_batch):
     model, _, path = ov
     assert stats_of(model, video_batch, 0.3, tokenizer=path, decouple=False).scoring_passes == 2  # 4 frames a pass

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -76,6 +77,7 @@ QUESTION_TEMPLATE = (
 # decoupling pass), `{text}` the instruction. LLaVA-1.5's conversation format, which the embedded models use.
 PROMPT_FORMAT = "USER: {visual}\n{text} ASSISTANT:"
 
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"  # scorer="tiny-llava" names one of them
 _STEP1 = re.compile(r"step\s*1\s*:\s*(yes|no)\b", re.IGNORECASE)
 _STEP3 = re.compile(r"step\s*3\s*:\s*\[(.*?)\]", re.IGNORECASE | re.DOTALL)
 
@@ -165,8 +167,8 @@ class QuotaPruner(EncoderPruner):
                                 "the directory the model was loaded from."})
     scorer: str | None = dataclasses.field(
         default=None, metadata={"help": "Directory of another supported VLM that scores each frame as an image "
-                                "(the reference uses Qwen2-VL-2B); default: the model itself, uncompressed, "
-                                "each frame as a one-frame video."})
+                                "(the reference uses Qwen2-VL-2B), or the name of an embedded model such as "
+                                "'tiny-llava'; default: the model itself, uncompressed, each frame as a one-frame video."})
     entity_template: str = dataclasses.field(default=ENTITY_TEMPLATE, metadata={"help": "Frame prompt with entities."})
     question_template: str = dataclasses.field(default=QUESTION_TEMPLATE, metadata={"help": "Frame prompt without."})
     decouple_template: str = dataclasses.field(default=DECOUPLE_TEMPLATE, metadata={"help": "Decoupling prompt."})
@@ -236,10 +238,13 @@ class QuotaPruner(EncoderPruner):
         from ..adapters import get_adapter
 
         path = self.tokenizer or getattr(model.config, "_name_or_path", None)
+        scorer_path = self.scorer
+        if not Path(scorer_path).is_dir() and (ASSETS_DIR / scorer_path / "config.json").exists():
+            scorer_path = ASSETS_DIR / scorer_path
         try:
             own = AutoProcessor.from_pretrained(path).video_processor
-            processor = AutoProcessor.from_pretrained(self.scorer)
-            scorer = AutoModelForImageTextToText.from_pretrained(self.scorer).eval()
+            processor = AutoProcessor.from_pretrained(scorer_path)
+            scorer = AutoModelForImageTextToText.from_pretrained(scorer_path).eval()
         except (OSError, ValueError, AttributeError) as error:
             raise ValueError(f"quota could not load the scorer {self.scorer!r} with its processor, or this model's "
                              f"video processor from {path!r} ({error}); pass scorer= a local VLM checkpoint "
