@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
 .PHONY: setup browser example demo test test-oldest check-latest lock bench bench-quick bench-speed train-embedded \
-	train-matryoshka train-in-llm
+	train-matryoshka train-in-llm train-video
 
 setup:
 	VENV=$(VENV) bash tools/setup_env.sh
@@ -79,3 +79,12 @@ train-matryoshka: setup
 train-in-llm: setup
 	$(PY) -m vlm_compress.bench.train_pmod --base $(TINY) --out vlm_compress/assets/tiny-llava-pmod --minutes 15
 	$(PY) -m vlm_compress.bench.train_atp --base $(TINY) --out vlm_compress/assets/tiny-llava-atp --minutes 10
+
+# The embedded video model tiny-onevision (LLaVA-OneVision, tiny-llava's tower/projector/LLM, a new word-level
+# tokenizer covering QuoTA's prompts), fine-tuned on ShapesVideo clips: about 50 min on 2 CPU cores (train_log.json).
+train-video: setup
+	$(PY) -m vlm_compress.bench.train_video --base $(TINY) --out vlm_compress/assets/tiny-onevision --steps 2800 \
+		--stop-at 1000
+	$(PY) -m vlm_compress.bench.train_video --out vlm_compress/assets/tiny-onevision --resume --steps 800 \
+		--stop-at 1200 --qa-frames 8 --context-clips 4 --context-pool 64 --relevance 16 --entity 8 --warmup 20 \
+		--eval-every 200

@@ -46,6 +46,16 @@ class VideoSample:
     def prompt(self) -> str:
         return PROMPT_FORMAT.format(visual="<video>", text=self.question)
 
+    def window(self, start: int, stop: int) -> "VideoSample":
+        """Frames ``[start, stop)`` as a clip of their own: key frames re-indexed, a presence answer following them
+        (a colour or shape question needs a key frame in the window)."""
+        keys = [k - start for k in self.key_frames if start <= k < stop]
+        if self.qtype != "presence" and not keys:
+            raise ValueError(f"frames [{start}, {stop}) hold no key frame of {self.key_frames}: no answer")
+        answer = ("yes" if keys else "no") if self.qtype == "presence" else self.answer
+        return dataclasses.replace(self, frames=self.frames[start:stop], answer=answer, key_frames=keys,
+                                   frame_objects=self.frame_objects[start:stop])
+
 
 def frame_relevance(sample: VideoSample, frame: int) -> str:
     """"yes" when ``frame`` holds the answer (it is a key frame), else "no" (both relevance prompts' target)."""
@@ -62,8 +72,8 @@ class ShapesVideoTask:
     ``objects`` (min, max) objects per frame."""
 
     def __init__(self, frames: int = 8, canvas: int = 96, cell: int = 8, objects: tuple[int, int] = (3, 5)):
-        if frames < 2:
-            raise ValueError(f"frames must be at least 2, got {frames}")
+        if frames < 1:
+            raise ValueError(f"frames must be at least 1, got {frames}")
         self.frames = frames
         self.scene = ShapesTask(canvas=canvas, cell=cell, objects=objects, question_types=VIDEO_QUESTION_TYPES)
 
@@ -95,7 +105,7 @@ class ShapesVideoTask:
         if qtype == "presence" and rng.random() < 0.5:
             keys = []
         else:
-            length = int(rng.integers(1, 3))  # one frame, or two consecutive ("appears briefly")
+            length = int(rng.integers(1, min(2, self.frames) + 1))  # one frame, or two consecutive ("appears briefly")
             first = int(rng.integers(0, self.frames - length + 1))
             keys = list(range(first, first + length))
         if qtype == "color_of_shape":
