@@ -3,9 +3,8 @@
 Starts ``python -m vlm_compress.demo`` on a free local port, runs two budgets on an example image, checks the two
 answers, the two overlays and the uncompressed answer, uploads a non-image file and checks the message; in the Video
 tab, runs QuoTA and its uniform split on a bundled clip, checks the two frame strips and the table, uploads a PNG
-and checks the message. Screenshots go into the test's temp dir; the server is stopped by its process id. The video
-tab serves the embedded tiny-onevision once it is trained (``--video-model`` otherwise: a random one saved in the
-temp dir). Needs the ``demo`` extra, the ``playwright`` package and a chromium executable (``CHROMIUM`` or
+and checks the message. Screenshots go into the test's temp dir; the server is stopped by its process id. The page
+serves its defaults, the embedded tiny-llava and tiny-onevision. Needs the ``demo`` extra, the ``playwright`` package and a chromium executable (``CHROMIUM`` or
 ``/usr/bin/chromium``); the CI installs them.
 """
 
@@ -22,7 +21,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlm_compress.bench.data import ASSETS
 from vlm_compress.demo.examples import example_clips
 
 pytestmark = pytest.mark.browser
@@ -35,34 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-TRAINED_VIDEO_MODEL = ASSETS / "tiny-onevision"
-
-
-def random_video_model(path: Path) -> Path:
-    """A random-weight OneVision with the embedded one's sizes, saved with its processor and tokenizer."""
-    from vlm_compress.testing import LlavaDims, build_onevision, build_onevision_processor, build_tokenizer
-
-    tokenizer, dims = build_tokenizer(), LlavaDims(image_size=96, patch_size=8)
-    build_onevision(tokenizer, dims, tower="clip").save_pretrained(path)
-    build_onevision_processor(tokenizer, dims, tower="clip").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def video_model_args(tmp_path: Path) -> list[str]:
-    """The embedded tiny-onevision when it is there (the page's default), else a random one in ``tmp_path``."""
-    if all((TRAINED_VIDEO_MODEL / name).exists() for name in ("config.json", "model.safetensors", "train_log.json")):
-        return []
-    return ["--video-model", str(random_video_model(tmp_path / "tiny-onevision-random"))]
-
-
 @pytest.fixture()
-def server(request, tmp_path):
-    """The demo's URL. Parametrise indirectly with "video" to serve a video model (:func:`video_model_args`)."""
-    extra = video_model_args(tmp_path) if getattr(request, "param", None) == "video" else []
+def server(tmp_path):
+    """The demo's URL (the page's defaults: tiny-llava in the Image tab, tiny-onevision in the Video tab)."""
     port = free_port()
     log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "vlm_compress.demo", "--port", str(port), *extra], stdout=log,
+    process = subprocess.Popen([sys.executable, "-m", "vlm_compress.demo", "--port", str(port)], stdout=log,
                                stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -120,7 +96,6 @@ def test_two_budgets_overlays_and_a_bad_upload_in_a_real_browser(server, tmp_pat
     assert (tmp_path / "demo.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("server", ["video"], indirect=True)
 def test_quota_strips_and_a_bad_upload_in_the_video_tab(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 

@@ -205,7 +205,6 @@ def test_multi_image_prompt(ov):
 
 def test_substitute_score_without_cls_is_mean_received_attention(tokenizer):
     """SigLIP has no CLS: cls_attention is the column mean of the eager attention map (heads averaged)."""
-    from vlm_compress.pruners.base import EncoderContext
     from vlm_compress.scoring import AttentionCapture
 
     model = build_onevision(tokenizer, DIMS, tower="siglip")
