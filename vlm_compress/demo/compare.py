@@ -96,6 +96,20 @@ def _answer(model, processor, inputs, max_new_tokens: int) -> tuple[str, float]:
     return text.strip(), prefill_ms
 
 
+def compressed_answer(model, processor, inputs, method: str, budget: float, max_new_tokens: int):
+    """``(answer, prefill ms, stats, kept indices, merged_into)`` of ``inputs`` under ``method`` (a bench spec) at
+    ``budget``; the model is restored after."""
+    name, options = method_arg(method, budget)
+    compress(model, method=name, **options)
+    try:
+        answer, prefill_ms = _answer(model, processor, inputs, max_new_tokens)
+        stats = model.compression.stats
+        kept, merged = kept_tokens(model)
+    finally:
+        restore(model)
+    return answer, prefill_ms, stats, kept, merged
+
+
 def kept_tokens(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The last call's kept token indices of its first image (and where merged ones went), for the overlay.
 
@@ -127,14 +141,8 @@ def run(model, processor, image: Image.Image, question: str, method: str, budget
     if method == "none":
         answer, prefill_ms = _answer(model, processor, inputs, max_new_tokens)
         return Outcome(method, 1.0, answer, prefill_ms, full, full, 100.0, None)
-    name, options = method_arg(method, budget)
-    compress(model, method=name, **options)
-    try:
-        answer, prefill_ms = _answer(model, processor, inputs, max_new_tokens)
-        stats = model.compression.stats
-        kept, merged = kept_tokens(model)
-    finally:
-        restore(model)
+    answer, prefill_ms, stats, kept, merged = compressed_answer(model, processor, inputs, method, budget,
+                                                                max_new_tokens)
     layout = layout if layout is not None else image_layout(model, processor, image)
     overlay = render_overlay(image, token_states(layout, kept, merged))
     return Outcome(method, budget, answer, prefill_ms, round(stats.layer_avg_visual_tokens), full,

@@ -21,12 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .. import compress, restore
 from ..adapters import get_adapter
 from ..bench.data import ASSETS
-from ..bench.run import method_arg
 from ..video import INSTALL_HINT, VideoReadError, read_video
-from .compare import DemoInputError, _answer, kept_tokens
+from .compare import DemoInputError, _answer, compressed_answer
 from .overlay import render_overlay, token_states
 
 DEFAULT_VIDEO_MODEL = ASSETS / "tiny-onevision"
@@ -164,14 +162,8 @@ def run_video(model, processor, frames: np.ndarray, question: str, method: str, 
         layout = layout if layout is not None else video_layout(model, processor, frames)
         return VideoOutcome(method, 1.0, answer, prefill_ms, full, full, [layout.num_tokens] * len(frames), None,
                             0.0, None)
-    name, options = method_arg(method, budget)
-    compress(model, method=name, **options)
-    try:
-        answer, prefill_ms = _answer(model, processor, inputs, max_new_tokens)
-        stats = model.compression.stats
-        kept, merged = kept_tokens(model)
-    finally:
-        restore(model)
+    answer, prefill_ms, stats, kept, merged = compressed_answer(model, processor, inputs, method, budget,
+                                                                max_new_tokens)
     layout = layout if layout is not None else video_layout(model, processor, frames)
     counts = stats.kept_per_frame[0] if stats.kept_per_frame else _counts(layout, len(frames), kept)
     scores = stats.frame_scores[0] if stats.frame_scores else None
