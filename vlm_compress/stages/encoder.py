@@ -104,6 +104,7 @@ class EncoderStage:
         self.pruner = pruner
         self._attention = {layer: adapter.vision_attention(layer) for layer in pruner.attention_layers()}
         self._layers = {layer: adapter.vision_layer(layer) for layer in pruner.hidden_state_layers()}
+        self._has_cls = adapter.tower_has_cls  # walks the tower's parameters: once, not per call
         self.suspended = False  # scoring passes (ModelRunner) run the model uncompressed
 
     @contextlib.contextmanager
@@ -116,7 +117,7 @@ class EncoderStage:
 
     def _capture(self) -> AttentionCapture:
         return AttentionCapture(self._attention, self.pruner.needs_all_query_rows(), self._layers,
-                                has_cls=self.adapter.tower_has_cls)
+                                has_cls=self._has_cls)
 
     def run(
         self,
