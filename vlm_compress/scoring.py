@@ -84,21 +84,26 @@ class AttentionCapture:
     def received_attention(self, layer: int, head_reduce: HeadReduce = "mean", kind: ScoreKind = "probs") -> torch.Tensor:
         """``[I, T]`` float32: per head, the mean over query rows of each key's attention (softmax over keys for
         ``"probs"``, raw ``q·k·scale`` for ``"logits"``), then heads reduced; one head at a time in memory."""
-        q = self._split_heads(layer, self.queries[layer]).float()
-        k = self._split_heads(layer, self.keys[layer]).float()
-        if q.shape[1] != k.shape[1]:
-            raise RuntimeError(f"layer {layer} was captured without all query rows; the pruner must ask for them")
-        scale = self.modules[layer].scale
-        per_head = []
-        for h in range(q.shape[2]):
-            a = torch.einsum("bqd,bkd->bqk", q[:, :, h], k[:, :, h]) * scale
-            per_head.append((a.softmax(-1) if kind == "probs" else a).mean(dim=1))
-        heads = torch.stack(per_head, dim=1)  # [I, H, T]
+        heads = torch.stack([a.mean(dim=1) for a in self._head_maps(layer, kind, skip=0)], dim=1)  # [I, H, T]
         if head_reduce == "mean":
             return heads.mean(dim=1)
         if head_reduce == "sum":
             return heads.sum(dim=1)
         return heads.max(dim=1).values
+
+    def _head_maps(self, layer: int, kind: ScoreKind, skip: int):
+        """Per head, ``[I, T-skip, T-skip]``: the attention among the tokens after the first ``skip`` (softmax over
+        every key, CLS included, for ``"probs"``). Needs all query rows; yields one head at a time."""
+        self._require(layer)
+        queries = self.queries[layer]
+        if queries.shape[1] != self.keys[layer].shape[1]:
+            raise RuntimeError(f"layer {layer} was captured without all query rows; the pruner must ask for them")
+        q = self._split_heads(layer, queries)[:, skip:].float()
+        k = self._split_heads(layer, self.keys[layer]).float()
+        scale = self.modules[layer].scale
+        for h in range(q.shape[2]):
+            a = torch.einsum("bqd,bkd->bqk", q[:, :, h], k[:, :, h]) * scale
+            yield (a.softmax(-1) if kind == "probs" else a)[:, :, skip:]
 
     def head_mean_keys(self, layer: int) -> torch.Tensor:
         """Keys of ``layer`` averaged over heads: ``[I, T, head_dim]``."""
@@ -110,17 +115,6 @@ class AttentionCapture:
         averaged per token:
         ``(received [I, T-skip], given [I, T-skip])`` (mean over queries, mean over keys). Needs all query rows
         (``all_query_rows=True``); heads are processed one at a time, so at most ``[I, T, T]`` is held."""
-        self._require(layer)
-        queries = self.queries[layer]
-        if queries.shape[1] != self.keys[layer].shape[1]:
-            raise RuntimeError(f"layer {layer} was captured without all query rows; the pruner must ask for them")
-        q = self._split_heads(layer, queries)[:, skip:].float()
-        k = self._split_heads(layer, self.keys[layer]).float()
-        scale, heads = self.modules[layer].scale, q.shape[2]
-        total = None
-        for h in range(heads):  # softmax over all keys (CLS included), then CLS's column is dropped
-            a = torch.einsum("bqd,bkd->bqk", q[:, :, h], k[:, :, h]) * scale
-            a = (a.softmax(-1) if kind == "probs" else a)[:, :, skip:]
-            total = a if total is None else total + a
-        mean = total / heads
+        heads = self.modules[layer].num_heads
+        mean = sum(self._head_maps(layer, kind, skip)) / heads
         return mean.mean(dim=1), mean.mean(dim=2)
