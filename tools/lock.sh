@@ -5,7 +5,7 @@
 # on the new lock before committing it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=${EXTRAS:-test,bench,lmms,demo,video}
+EXTRAS=${EXTRAS:-test,bench,lmms,demo,video,tokenizers}
 LOCK=requirements/lock-cpu.txt
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT

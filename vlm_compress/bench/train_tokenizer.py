@@ -1,0 +1,114 @@
+"""Train the embedded image tokenizers (``tiny-flextok``, ``tiny-seed``) on 64×64 scenes, from scratch.
+
+    python -m vlm_compress.bench.train_tokenizer --kind flextok --out vlm_compress/assets/tiny-flextok --steps 1200
+    python -m vlm_compress.bench.train_tokenizer --kind seed --out vlm_compress/assets/tiny-seed --steps 1500
+
+Every step draws fresh scenes (``train`` split, never repeated), so there is no epoch and no overfitting to a
+fixed set. The model's own ``training_loss`` defines the objective (FlexTok: rectified flow with nested dropout;
+SEED: its stage-II losses plus the pixel decoder). AdamW, linear warm-up then cosine to a tenth (``train.schedule``).
+A checkpoint and ``train_log.json`` (arguments, machine, loss history, final validation figures) are written
+every ``--save-every`` steps, so an interrupted run keeps its progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .. import tokenizers_visual as tv
+from ..tokenizers_visual.base import psnr
+from .timing import machine_description
+from .tokenizer_data import SCENES, scene_images
+from .train import schedule
+
+KINDS = ("flextok", "seed")
+
+
+@torch.no_grad()
+def validate(model, count: int = 32) -> dict:
+    """Validation figures: FlexTok PSNR per prefix length; SEED embedding cosine, codebook use and pixel PSNR."""
+    model.eval()
+    images = model.preprocess(scene_images("val", 0, count))
+    if isinstance(model, tv.FlexTokTokenizer):
+        ids = model.encode(images)
+        out = {}
+        for k in (1, 4, 16, 64, model.max_tokens):
+            recon = model.decode(ids[:, :k], generator=torch.Generator().manual_seed(0))
+            out[f"psnr@{k}"] = round(float(psnr(images, recon).mean()), 2)
+    else:
+        out = {k: round(v, 4) for k, v in model.evaluate(images).items()}
+    model.train()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kind", choices=sorted(KINDS), required=True)
+    parser.add_argument("--out", required=True, help="Folder to write config.json, model.safetensors, train_log.json.")
+    parser.add_argument("--config", default="{}", help="JSON overrides of the model config, e.g. '{\"width\": 96}'.")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--minutes", type=float, default=0, help="Stop early after this many minutes (0: no cap).")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--save-every", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cls = tv.FlexTokTokenizer if args.kind == "flextok" else tv.SeedTokenizer
+    config_cls = cls.config_class
+    config = config_cls(**json.loads(args.config))
+    if args.kind == "seed":  # the target space: a small open_clip ViT with seeded random weights (module docstring)
+        target = tv.build_clip_target(tv.tiny_clip_config(config.embedding_dim, config.image_size), seed=args.seed)
+        model = cls(config, target=target)
+    else:
+        model = cls(config)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    args.minutes = args.minutes or 0
+    lr_at, _ = schedule(argparse.Namespace(steps=args.steps, minutes=0, warmup=args.warmup, lr=args.lr), 0, time.time())
+    log = {"args": vars(args), "data": SCENES.describe(), "machine": machine_description(torch.device("cpu")),
+           "parameters": sum(p.numel() for p in trainable), "history": []}
+    out = Path(args.out)
+    start, running = time.time(), 0.0
+    generator = torch.Generator().manual_seed(args.seed)
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        pixels = model.preprocess(scene_images("train", step * args.batch_size, args.batch_size))
+        loss = model.training_loss(pixels, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        model.after_step(step)
+        running += loss.item()
+        if (step + 1) % args.log_every == 0:
+            entry = {"step": step + 1, "loss": round(running / args.log_every, 5), "lr": lr_at(step),
+                     "minutes": round((time.time() - start) / 60, 2)}
+            log["history"].append(entry)
+            print(json.dumps(entry), flush=True)
+            running = 0.0
+        last = step + 1 == args.steps or (args.minutes and time.time() - start > args.minutes * 60)
+        if (step + 1) % args.save_every == 0 or last:
+            log["steps_done"] = step + 1
+            log["validation"] = validate(model)
+            print(json.dumps({"step": step + 1, **log["validation"]}), flush=True)
+            model.save_pretrained(out)
+            (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        if last:
+            break
+
+
+if __name__ == "__main__":
+    main()
