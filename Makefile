@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
 .PHONY: setup browser example demo test test-oldest check-latest lock bench bench-quick bench-speed train-embedded \
-	train-matryoshka train-in-llm train-video
+	train-matryoshka train-in-llm train-video train-tokenizers bench-tokenizers
 
 setup:
 	VENV=$(VENV) bash tools/setup_env.sh
@@ -44,6 +44,12 @@ check-latest:
 
 bench: setup
 	$(PY) -m vlm_compress.bench
+	$(PY) -m vlm_compress.bench.tokenizer_bench
+
+# The image tokenizers alone: FlexTok PSNR per token count, SEED codebook use and embedding fidelity, speed, and
+# the reconstruction grid (eval/results/tokenizers.{md,json}, tokenizers_grid.png).
+bench-tokenizers: setup
+	$(PY) -m vlm_compress.bench.tokenizer_bench
 
 bench-quick: setup
 	$(PY) -m vlm_compress.bench --quick

@@ -60,29 +60,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
+                        help="Precision of the saved weights (the shipped models: float16).")
+    parser.add_argument("--resume", action="store_true", help=(
+        "Continue the model in --out for --steps more steps (fresh AdamW moments, its own warm-up and cosine; the "
+        "log's history continues)."))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cls = tv.FlexTokTokenizer if args.kind == "flextok" else tv.SeedTokenizer
     config_cls = cls.config_class
-    config = config_cls(**json.loads(args.config))
-    if args.kind == "seed":  # the target space: a small open_clip ViT with seeded random weights (module docstring)
+    out = Path(args.out)
+    previous = json.loads((out / "train_log.json").read_text()) if args.resume else None
+    if args.resume:
+        from ..tokenizers_visual.checkpoints import load_tokenizer
+
+        model = load_tokenizer(out)
+    elif args.kind == "seed":  # the target space: a small open_clip ViT with seeded random weights (module docstring)
+        config = config_cls(**json.loads(args.config))
         target = tv.build_clip_target(tv.tiny_clip_config(config.embedding_dim, config.image_size), seed=args.seed)
         model = cls(config, target=target)
     else:
-        model = cls(config)
+        model = cls(config_cls(**json.loads(args.config)))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     args.minutes = args.minutes or 0
-    lr_at, _ = schedule(argparse.Namespace(steps=args.steps, minutes=0, warmup=args.warmup, lr=args.lr), 0, time.time())
+    step0 = previous["steps_done"] if previous else 0
+    lr_at, _ = schedule(argparse.Namespace(steps=args.steps, minutes=0, warmup=args.warmup, lr=args.lr), step0,
+                        time.time())
     log = {"args": vars(args), "data": SCENES.describe(), "machine": machine_description(torch.device("cpu")),
            "parameters": sum(p.numel() for p in trainable), "history": []}
-    out = Path(args.out)
+    if previous:
+        log = {**previous, "history": previous["history"], "runs": [*previous.get("runs", [previous["args"]]), vars(args)]}
     start, running = time.time(), 0.0
-    generator = torch.Generator().manual_seed(args.seed)
-    for step in range(args.steps):
+    generator = torch.Generator().manual_seed(args.seed + step0)
+    for step in range(step0, step0 + args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         pixels = model.preprocess(scene_images("train", step * args.batch_size, args.batch_size))
@@ -99,12 +113,12 @@ def main(argv: list[str] | None = None) -> None:
             log["history"].append(entry)
             print(json.dumps(entry), flush=True)
             running = 0.0
-        last = step + 1 == args.steps or (args.minutes and time.time() - start > args.minutes * 60)
+        last = step + 1 == step0 + args.steps or (args.minutes and time.time() - start > args.minutes * 60)
         if (step + 1) % args.save_every == 0 or last:
             log["steps_done"] = step + 1
             log["validation"] = validate(model)
             print(json.dumps({"step": step + 1, **log["validation"]}), flush=True)
-            model.save_pretrained(out)
+            model.save_pretrained(out, dtype=getattr(torch, args.save_dtype))
             (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
         if last:
             break

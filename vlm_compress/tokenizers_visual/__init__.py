@@ -1,6 +1,11 @@
 """Discrete image tokenizers under the toolkit's budget language: FlexTok (1..K coarse-to-fine tokens) and SEED
 (32 causal Q-Former codes). ``tokenizer.encode(images, budget=...)`` with an int (tokens) or a float (share of
-``max_tokens``); ``decode``, ``embed``, ``codebook_size``, ``max_tokens``. See :mod:`.base`."""
+``max_tokens``); ``decode``, ``embed``, ``codebook_size``, ``max_tokens``. See :mod:`.base`.
+
+>>> tok = load_tokenizer("tiny-flextok")                 # or a save_pretrained folder; official: load_*_official
+>>> ids = tok.encode(images, budget=16)                  # [B, 16] ids in [0, 64000)
+>>> tok.decode(ids, steps=25, generator=g)               # [B, 3, 64, 64] in [0, 1]
+"""
 
 from .base import ImageTokenizer, psnr, to_pixels, to_uint8
 from .flextok import FlexTokConfig, FlexTokTokenizer
@@ -15,15 +20,20 @@ from .seed import (
 
 __all__ = [
     "FSQ",
+    "CheckpointError",
     "FlexTokConfig",
     "FlexTokTokenizer",
     "ImageTokenizer",
     "QuantizerOutput",
     "SeedConfig",
     "SeedTokenizer",
+    "UnclipDecoder",
     "VectorQuantizer",
     "build_clip_target",
     "load_clip_target",
+    "load_flextok_official",
+    "load_seed_official",
+    "load_tokenizer",
     "psnr",
     "tiny_clip_config",
     "to_pixels",

@@ -1,7 +1,8 @@
-"""Transformer pieces shared by the tokenizers: masked attention, pre-norm blocks, AdaLN-zero blocks, embeddings.
+"""FlexTok's transformer pieces (attention, SwiGLU MLP, pre-norm and AdaLN-zero blocks) and shared embeddings.
 
 Attention runs through ``F.scaled_dot_product_attention`` with an explicit boolean mask (``True`` = may attend),
-so the masks FlexTok and SEED rely on are plain tensors a test can read.
+so the masks FlexTok relies on are plain tensors a test can read. SEED uses timm's ViT blocks instead, as the
+official code does.
 """
 
 from __future__ import annotations
@@ -11,51 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-class Attention(nn.Module):
-    """Multi-head attention of ``x [B, N, D]`` over ``context [B, M, Dc]`` (itself when omitted).
-
-    ``qk_norm`` applies a LayerNorm to each head's queries and keys (FlexTok's QK-norm)."""
-
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qk_norm: bool = False):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"width {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim or dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        head_dim = dim // heads
-        self.q_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None):
-        context = x if context is None else context
-        b, n, d = x.shape
-        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Sequential):
-    def __init__(self, dim: int, ratio: float = 4.0):
-        hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + Attn(LN x)`` then ``x + MLP(LN x)``; ``mask [N, N]`` or ``[B, 1, N, N]``."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, qk_norm=qk_norm)
-        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, mlp_ratio)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask=mask)
-        return x + self.mlp(self.norm2(x))
 
 
 class FlexAttention(nn.Module):
