@@ -8,6 +8,7 @@
 """
 
 from .base import ImageTokenizer, psnr, to_pixels, to_uint8
+from .checkpoints import CheckpointError, load_flextok_official, load_seed_official, load_tokenizer
 from .flextok import FlexTokConfig, FlexTokTokenizer
 from .quantizers import FSQ, QuantizerOutput, VectorQuantizer
 from .seed import (
@@ -17,6 +18,7 @@ from .seed import (
     load_clip_target,
     tiny_clip_config,
 )
+from .unclip import UnclipDecoder
 
 __all__ = [
     "FSQ",
