@@ -176,6 +176,17 @@ def test_flextok_decode_is_seeded_and_guidance_changes_it():
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, g)
 
 
+def test_flextok_batch_equals_single():
+    model = flextok()
+    pixels = images(3)
+    ids = model.encode(pixels)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    batch = model.decode(ids[:, :5], steps=2, generator=g())
+    for i in range(3):
+        assert torch.equal(model.encode(pixels[i:i + 1]), ids[i:i + 1])
+        assert torch.allclose(model.decode(ids[i:i + 1, :5], steps=2, generator=g()), batch[i:i + 1], atol=1e-5)
+
+
 def test_flextok_encode_is_deterministic_and_the_vae_posterior_is_sampled_only_when_asked():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
@@ -253,6 +264,8 @@ def test_seed_budget_prefix_decode_and_embed():
     ids = model.encode(pixels)
     assert ids.shape == (3, 6) and int(ids.max()) < 64
     assert torch.equal(model.encode(pixels, budget=2), ids[:, :2])
+    assert torch.equal(model.encode(pixels[1:2]), ids[1:2])  # batch equals single
+    assert torch.allclose(model.decode(ids[1:2]), model.decode(ids)[1:2], atol=1e-5)
     assert model.embed(ids[:, :2]).shape == (3, 2, 8)
     assert torch.equal(model.embed(ids), model.quantize.embedding.weight[ids])
     assert model.decode(ids).shape == (3, 3, 16, 16)

@@ -160,10 +160,12 @@ class FlexTokTokenizer(ImageTokenizer):
         registers = self.decoder_registers(self.quantizer.indices_to_codes(tokens), tokens.shape[1])
         null = self.decoder_registers(None, 0, batch=tokens.shape[0]) if scale != 1.0 else None
         param = next(self.parameters())
-        shape = (tokens.shape[0], self.grid**2, self.channels * self.config.patch_size**2)
-        x = torch.randn(shape, generator=generator, device=param.device, dtype=param.dtype)
+        # one starting noise shared by the batch (as SEED's official decoder shares its latents): an image decodes
+        # the same alone or in any batch, for a given generator state
+        shape = (1, self.grid**2, self.channels * self.config.patch_size**2)
+        x = torch.randn(shape, generator=generator, device=param.device, dtype=param.dtype).expand(len(tokens), -1, -1)
         for i in range(steps):
-            t = torch.full((shape[0],), 1.0 - i / steps, device=x.device)
+            t = torch.full((len(tokens),), 1.0 - i / steps, device=x.device)
             v = self.velocity(x, registers, t)
             if null is not None:
                 v_null = self.velocity(x, null, t)
