@@ -1,5 +1,8 @@
 """The demo's UI-free parts: overlay masks on LLaVA-1.5 and AnyRes layouts, input checks, one comparison; per-frame
-masks and strips of a video, a video comparison on a random OneVision saved to a temp dir, video input checks."""
+masks and strips of a video, a video comparison on a random OneVision saved to a temp dir, video input checks; the
+Tokenizers tab's reconstructions, counts, input checks and page on small untrained tokenizers saved to a temp dir."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ from vlm_compress.adapters.base import TokenLayout
 from vlm_compress.demo.compare import DemoInputError, compare, load_model, read_image
 from vlm_compress.demo.examples import example_clips
 from vlm_compress.demo.overlay import DROPPED, KEPT, MERGED, render_overlay, token_states
+from vlm_compress.demo import tokenize as demo_tokenize
+from vlm_compress.demo.tokenize import example_scenes, load_input, load_visual_tokenizer, reconstruct
 from vlm_compress.demo.video import check_video_model, compare_video, frame_states, read_clip, render_strip
 from vlm_compress.testing import (
     LlavaDims, build_llava, build_llava_next, build_next_processor, build_onevision, build_onevision_processor,
@@ -168,3 +173,155 @@ def test_bad_video_inputs_get_messages(video_model, tokenizer, processor, tmp_pa
         read_clip(str(png), 0)
     with pytest.raises(DemoInputError, match="takes no videos: give a LLaVA-OneVision checkpoint"):
         check_video_model(build_llava(tokenizer), processor)
+
+
+# ---- the Tokenizers tab ---------------------------------------------------------------------------------
+TOK_FLEX = dict(image_size=16, patch_size=4, width=32, heads=2, encoder_depth=2, decoder_depth=2, registers=8,
+                levels=[8, 5, 5, 5], timesteps=2)
+TOK_SEED = dict(image_size=16, patch_size=4, vision_width=32, vision_depth=1, vision_heads=2, num_queries=6, hidden=32,
+                qformer_layers=2, qformer_heads=2, intermediate=64, codebook_size=64, code_dim=8, decode_heads=2,
+                image_down=[16, 4], embedding_dim=24)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory):
+    """(FlexTok folder, SEED folder): small untrained tokenizers written with save_pretrained."""
+    from vlm_compress.tokenizers_visual import FlexTokConfig, FlexTokTokenizer, SeedConfig, SeedTokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    torch.manual_seed(0)
+    flextok = FlexTokTokenizer(FlexTokConfig(**TOK_FLEX))
+    with torch.no_grad():  # zero-initialised output layers would make every decode identical
+        for p in flextok.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    flextok.save_pretrained(root / "flextok")
+    SeedTokenizer(SeedConfig(**TOK_SEED)).save_pretrained(root / "seed")
+    return str(root / "flextok"), str(root / "seed")
+
+
+def _psnr_of(a: Image.Image, b: Image.Image) -> float:
+    mse = (((np.asarray(a, float) - np.asarray(b, float)) / 255) ** 2).mean()
+    return 10 * np.log10(1 / max(mse, 1e-10))
+
+
+def test_tokenizer_reconstructions_honour_the_count_and_measure_psnr_and_bits(tokenizer_dirs, monkeypatch):
+    flextok, seed = load_visual_tokenizer(tokenizer_dirs[0], "flextok"), load_visual_tokenizer(tokenizer_dirs[1], "seed")
+    scene = next(iter(example_scenes(1).values()))
+    assert scene.shape == (64, 64, 3) and scene.dtype == np.uint8
+    decoded = []
+    decode = flextok.decode
+    monkeypatch.setattr(flextok, "decode", lambda ids, **kw: decoded.append((ids.shape, kw.get("steps"))) or
+                        decode(ids, **kw))
+    four = reconstruct(flextok, scene, 4)
+    assert decoded == [((1, 4), 2)]  # the count asked for; the config's 2 steps by default
+    assert four.tokens == 4 and four.steps == 2 and four.codebook_size == 1000 and four.ms > 0
+    assert four.bits == pytest.approx(4 * np.log2(1000))
+    assert four.image.size == four.input.size == (16, 16)  # the tokenizer's own input size
+    assert four.psnr == pytest.approx(_psnr_of(four.input, four.image), abs=1e-4)
+    assert "4 tokens × log2(1000) = 39.9 bits" in four.summary("FlexTok")
+    again = reconstruct(flextok, scene, "4")  # a radio's string; seeded decoding: the same image
+    assert np.array_equal(np.asarray(again.image), np.asarray(four.image))
+    one = reconstruct(flextok, scene, 1, steps=3.0)  # a slider's float
+    assert decoded[-1] == ((1, 1), 3) and one.steps == 3
+    assert not np.array_equal(np.asarray(one.image), np.asarray(four.image))
+
+    full = reconstruct(seed, scene)
+    assert full.tokens == 6 and full.steps is None and full.bits == pytest.approx(6 * 6)
+    assert full.image.size == (16, 16) and full.psnr == pytest.approx(_psnr_of(full.input, full.image), abs=1e-4)
+    assert "6 tokens × log2(64) = 36.0 bits" in full.summary("SEED") and "steps" not in full.summary("SEED")
+
+
+def test_token_counts_and_steps_outside_the_models_range_are_refused(tokenizer_dirs):
+    flextok, seed = load_visual_tokenizer(tokenizer_dirs[0], "flextok"), load_visual_tokenizer(tokenizer_dirs[1], "seed")
+    scene = np.zeros((16, 16, 3), np.uint8)
+    for bad in (0, 9, 256, -1, 2.5, "abc", True):
+        with pytest.raises(DemoInputError, match=r"FlexTok encodes 1 to 8 tokens an image; got"):
+            reconstruct(flextok, scene, bad)
+    with pytest.raises(DemoInputError, match="SEED decodes all 6 of its tokens at once; got 4"):
+        reconstruct(seed, scene, 4)
+    with pytest.raises(DemoInputError, match="SEED encodes 1 to 6 tokens an image; got 32"):
+        reconstruct(seed, scene, 32)
+    for bad in (0, 1.5, "many"):
+        with pytest.raises(DemoInputError, match="decode steps must be a whole number >= 1"):
+            reconstruct(flextok, scene, 4, steps=bad)
+
+
+def test_tokenizer_inputs_and_folders_get_messages(tokenizer_dirs, tmp_path, monkeypatch):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(DemoInputError, match=r"broken\.png is not an image this demo can read .*upload a PNG or JPEG"):
+        load_input(str(broken))
+    jpeg = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])  # a truncated upload
+    with pytest.raises(DemoInputError, match=r"cut\.jpg is not an image this demo can read"):
+        load_input(str(cut))
+    with pytest.raises(DemoInputError, match=r"gone\.png is no longer on the server; upload it again"):
+        load_input(str(tmp_path / "gone.png"))
+    with pytest.raises(DemoInputError, match="choose a bundled scene or upload an image"):
+        load_input(None)
+    with pytest.raises(DemoInputError, match=r"must be \[H, W, 3\] uint8"):
+        load_input(np.zeros((8, 8, 3), np.float32))
+    # any size: the center square, resized to 64×64
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, :20] = (255, 0, 0)
+    wide[:, 20:60] = (0, 255, 0)
+    wide[:, 60:] = (0, 0, 255)
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide).save(path)
+    square = load_input(str(path))
+    assert square.shape == (64, 64, 3) and square.dtype == np.uint8 and (square == (0, 255, 0)).all()
+    assert load_input(Image.fromarray(wide[:, :40])).shape == (64, 64, 3)
+
+    with pytest.raises(DemoInputError, match="no tokenizer at .*missing"):
+        load_visual_tokenizer(str(tmp_path / "missing"), "flextok")
+    monkeypatch.setattr(demo_tokenize, "ASSETS", tmp_path / "no-assets")  # as before the models are shipped
+    load_visual_tokenizer.cache_clear()
+    with pytest.raises(DemoInputError, match="the embedded tiny-flextok is not installed .*no-assets"):
+        load_visual_tokenizer("tiny-flextok", "flextok")
+    with pytest.raises(DemoInputError, match="is a SEED, not a FlexTok: give a FlexTok folder"):
+        load_visual_tokenizer(tokenizer_dirs[1], "flextok")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text((Path(tokenizer_dirs[0]) / "config.json").read_text())
+    (tmp_path / "odd" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(DemoInputError, match="the tokenizer at .*odd did not load"):
+        load_visual_tokenizer(str(tmp_path / "odd"), "flextok")
+
+
+def test_the_page_builds_with_a_tokenizers_tab_that_runs(tokenizer_dirs, tmp_path):
+    from vlm_compress.demo.app import build
+
+    app = build(flextok_path=tokenizer_dirs[0], seed_path=tokenizer_dirs[1])
+    blocks = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
+    for elem_id in ("tokenizers-tab", "tok-scene", "tok-upload", "tok-count", "tok-steps", "tok-run", "tok-status",
+                    "tok-input", "tok-flextok", "tok-seed", "tok-summary", "image-tab", "video-tab"):
+        assert elem_id in blocks, elem_id
+    assert blocks["tok-steps"].value == 2  # the FlexTok config's timesteps
+    assert blocks["tok-count"].value == "16"
+    # the tab's handler, as the Run button calls it: 16 tokens are more than this FlexTok has; SEED still runs
+    handler = next(f.fn for f in app.fns.values() if f.fn is not None and "tokenizer_tab" in f.fn.__qualname__)
+    status, shown, flex, seed, summary = handler("Test scene 1", None, "16", 2, tokenizer_dirs[0], tokenizer_dirs[1])
+    assert "**FlexTok: error:** FlexTok encodes 1 to 8 tokens an image; got '16'" in status
+    assert shown.size == (64, 64) and flex["value"] is None and seed["value"].size == (64, 64)
+    assert seed["label"].startswith("SEED, 6 tokens: ") and "**SEED**: 6 tokens" in summary
+    status, shown, flex, seed, summary = handler("Test scene 1", None, "8", 2, tokenizer_dirs[0], tokenizer_dirs[1])
+    assert status == "" and flex["label"].startswith("FlexTok, 8 tokens: ") and summary.count("PSNR") == 2
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    status, *_ = handler("Test scene 1", str(bad), "8", 2, tokenizer_dirs[0], tokenizer_dirs[1])
+    assert "notes.txt is not an image this demo can read" in status
+
+
+def test_the_command_line_passes_the_tokenizer_folders_on(monkeypatch):
+    from vlm_compress.demo import app as demo_app
+
+    calls = []
+
+    class Page:
+        def launch(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setattr(demo_app, "build", lambda *args: calls.append(args) or Page())
+    demo_app.main(["--model", "m", "--flextok", "f", "--seed-tokenizer", "s", "--port", "7999"])
+    assert calls[0] == ("m", None, "f", "s") and calls[1]["server_port"] == 7999

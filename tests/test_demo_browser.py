@@ -3,8 +3,10 @@
 Starts ``python -m vlm_compress.demo`` on a free local port, runs two budgets on an example image, checks the two
 answers, the two overlays and the uncompressed answer, uploads a non-image file and checks the message; in the Video
 tab, runs QuoTA and its uniform split on a bundled clip, checks the two frame strips and the table, uploads a PNG
-and checks the message. Screenshots go into the test's temp dir; the server is stopped by its process id. The page
-serves its defaults, the embedded tiny-llava and tiny-onevision. Needs the ``demo`` extra, the ``playwright`` package and a chromium executable (``CHROMIUM`` or
+and checks the message; in the Tokenizers tab, reconstructs a bundled scene with FlexTok (32 tokens) and SEED, checks
+the three images and the two summary lines, uploads a non-image file and checks the message. Screenshots go into the
+test's temp dir; the server is stopped by its process id. The page serves its defaults, the embedded tiny-llava,
+tiny-onevision, tiny-flextok and tiny-seed. Needs the ``demo`` extra, the ``playwright`` package and a chromium executable (``CHROMIUM`` or
 ``/usr/bin/chromium``); the CI installs them.
 """
 
@@ -136,3 +138,35 @@ def test_quota_strips_and_a_bad_upload_in_the_video_tab(server, tmp_path):
         page.screenshot(path=str(tmp_path / "video_error.png"), full_page=True)
         browser.close()
     assert (tmp_path / "video.png").stat().st_size > 10_000
+
+
+def test_flextok_and_seed_reconstructions_and_a_bad_upload_in_the_tokenizers_tab(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"no chromium at {CHROMIUM}: apt-get install chromium, or set CHROMIUM"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(server)
+        page.get_by_role("tab", name="Tokenizers").click()
+        page.locator("#tok-scene").get_by_label("Test scene 2").check()
+        page.locator("#tok-count").get_by_label("32", exact=True).check()
+        page.locator("#tok-run").click()
+        summary = page.locator("#tok-summary")
+        expect(summary).to_contain_text("SEED: 32 tokens", timeout=120_000)
+        expect(summary).to_contain_text("FlexTok: 32 tokens")
+        assert summary.inner_text().count("PSNR") == 2 and "bits" in summary.inner_text(), summary.inner_text()
+        for elem_id in ("tok-input", "tok-flextok", "tok-seed"):
+            expect(page.locator(f"#{elem_id} img")).to_have_count(1, timeout=30_000)
+        expect(page.locator("#tok-flextok")).to_contain_text("FlexTok, 32 tokens:")  # the label carries the PSNR
+        expect(page.locator("#tok-status")).to_have_text("")
+        page.screenshot(path=str(tmp_path / "tokenizers.png"), full_page=True)
+
+        bad = tmp_path / "notes.txt"
+        bad.write_text("this is not an image")
+        page.locator("#tok-upload input[type=file]").set_input_files(str(bad))
+        page.locator("#tok-run").click()
+        expect(page.locator("#tok-status")).to_contain_text("notes.txt is not an image", timeout=60_000)
+        page.screenshot(path=str(tmp_path / "tokenizers_error.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "tokenizers.png").stat().st_size > 10_000

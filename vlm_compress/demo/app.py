@@ -1,13 +1,16 @@
-"""The Gradio page, two tabs: an image or a video and a question, several methods × budgets side by side with the
-uncompressed answer.
+"""The Gradio page, three tabs: an image or a video and a question, several methods × budgets side by side with the
+uncompressed answer; and an image through two discrete image tokenizers.
 
     vlm-compress demo                       # the embedded tiny-llava / tiny-onevision on http://127.0.0.1:7860
     vlm-compress demo --model PATH --video-model PATH --port 7861
+    vlm-compress demo --flextok PATH --seed-tokenizer PATH   # the Tokenizers tab's models (save_pretrained folders)
 
 Image: one overlay per (method, budget) with the kept patches. Video: a bundled ShapesVideo clip or an upload
 (``--video-model``: a LLaVA-OneVision checkpoint), one strip of frame thumbnails per (method, budget) with each
-frame's kept patches, token count and, for QuoTA, relevance score. Binds to 127.0.0.1 unless told otherwise;
-Gradio's analytics are off.
+frame's kept patches, token count and, for QuoTA, relevance score. Tokenizers: a bundled 64×64 scene or an upload
+(center-cropped, resized to 64×64), FlexTok's reconstruction at a chosen token count and SEED's from its 32 tokens,
+each with its PSNR, bits and time (decoding seeded: the page is reproducible). Binds to 127.0.0.1 unless told
+otherwise; Gradio's analytics are off.
 """
 
 from __future__ import annotations
@@ -17,10 +20,26 @@ import logging
 import os
 from pathlib import Path
 
+from PIL import Image
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
 from .compare import DEFAULT_MODEL, DemoInputError, compare, load_model  # noqa: E402
 from .examples import example_clips, example_images  # noqa: E402
+from .tokenize import (  # noqa: E402
+    DEFAULT_FLEXTOK,
+    DEFAULT_SEED,
+    DISPLAY_SCALE,
+    INPUT_SIZE,
+    NAMES,
+    TOKEN_COUNTS,
+    default_steps,
+    example_scenes,
+    load_input,
+    load_visual_tokenizer,
+    reconstruct,
+    upscale,
+)
 from .video import DEFAULT_VIDEO_MODEL, MAX_FRAMES, compare_video  # noqa: E402
 
 METHODS = ["random", "cls_attn", "fopru", "mustdrop", "visionzip", "fastv:layer=1", "mustdrop_llm", "atp"]
@@ -49,12 +68,12 @@ def bench_plots() -> list[str]:
     return []
 
 
-def _failure(err: Exception) -> str:
+def _failure(err: Exception, label: str = "Error") -> str:
     """The status line for a failed run: the input error as it is, anything else as a failed run (logged)."""
     if isinstance(err, DemoInputError):
-        return f"**Error:** {err}"
+        return f"**{label}:** {err}"
     logging.getLogger(__name__).exception("demo run failed", exc_info=err)
-    return f"**Error:** the run failed ({type(err).__name__}: {err})"
+    return f"**{label}:** the run failed ({type(err).__name__}: {err})"
 
 
 def image_tab(gr, model_path: str | None) -> None:
@@ -148,9 +167,72 @@ def video_tab(gr, model_path: str | None) -> None:
     run.click(answer, [clip, upload, question, methods, budgets, frames, path], [status, reference, table, gallery])
 
 
-def build(model_path: str | None = None, video_model_path: str | None = None):
-    """The ``gr.Blocks`` app: an Image tab (``model_path``, default tiny-llava) and a Video tab
-    (``video_model_path``, default tiny-onevision)."""
+def tokenizer_tab(gr, flextok_path: str | None, seed_path: str | None) -> None:
+    """The tokenizers tab: a bundled scene or an upload, FlexTok at a chosen token count and SEED side by side."""
+    scenes = example_scenes()
+    flextok_path, seed_path = str(flextok_path or DEFAULT_FLEXTOK), str(seed_path or DEFAULT_SEED)
+    steps_default = default_steps(flextok_path)
+    labels = {"flextok": "FlexTok reconstruction", "seed": "SEED reconstruction"}
+
+    def answer(scene, upload, tokens, steps, flex_path, seed_path_):
+        empty = [gr.update(value=None, label=labels[k]) for k in labels]
+        try:
+            image = load_input(upload if upload is not None else scenes.get(scene))
+        except Exception as err:  # a bug or an odd file: say so in the page, keep the server up
+            return _failure(err), None, *empty, ""
+        shown, images, lines, errors = None, [], [], []
+        runs = (("flextok", flex_path or flextok_path, tokens, steps), ("seed", seed_path_ or seed_path, None, None))
+        for kind, path, count, decode_steps in runs:
+            try:
+                result = reconstruct(load_visual_tokenizer(str(path), kind), image, count, decode_steps)
+            except Exception as err:  # one model failing leaves the other on the page
+                errors.append(_failure(err, f"{NAMES[kind]}: error"))
+                images.append(gr.update(value=None, label=labels[kind]))
+                continue
+            shown = result.input if shown is None else shown
+            images.append(gr.update(value=upscale(result.image),
+                                    label=f"{NAMES[kind]}, {result.count}: {result.psnr:.2f} dB"))
+            lines.append(result.summary(NAMES[kind]))
+        shown = upscale(Image.fromarray(image) if shown is None else shown)
+        return "\n\n".join(errors), shown, *images, "\n\n".join(lines)
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            scene = gr.Radio(list(scenes), value=next(iter(scenes), None), label="Bundled scene (test split)",
+                             elem_id="tok-scene")
+            upload = gr.File(label="…or upload an image", file_types=None, type="filepath", elem_id="tok-upload")
+            gr.Markdown(f"Uploads of any size are center-cropped to a square and resized to "
+                        f"{INPUT_SIZE}×{INPUT_SIZE}, the tokenizers' input. Images are shown enlarged "
+                        f"×{DISPLAY_SCALE} (nearest neighbour). "
+                        "Decoding is seeded (seed 0), so a run always gives the same page.")
+            tokens = gr.Radio([str(c) for c in TOKEN_COUNTS], value="16", label="FlexTok tokens (SEED always "
+                              "decodes all of its tokens: 32 for tiny-seed)", elem_id="tok-count")
+            steps = gr.Slider(1, max(100, steps_default), value=steps_default, step=1,
+                              label=f"FlexTok decode steps (the model's default: {steps_default})", elem_id="tok-steps")
+            flex_path = gr.Textbox(label="FlexTok (local tokenizer folder or embedded name)", value=flextok_path,
+                                   elem_id="tok-flextok-path")
+            seed_path_box = gr.Textbox(label="SEED (local tokenizer folder or embedded name)", value=seed_path,
+                                       elem_id="tok-seed-path")
+            run = gr.Button("Run", variant="primary", elem_id="tok-run")
+        with gr.Column(scale=3):
+            status = gr.Markdown(elem_id="tok-status")
+            with gr.Row():
+                shown = gr.Image(label=f"Input, as the tokenizers see it (×{DISPLAY_SCALE})", type="pil", format="png",
+                                 interactive=False, elem_id="tok-input")
+                flex_image = gr.Image(label=labels["flextok"], type="pil", format="png", interactive=False,
+                                      elem_id="tok-flextok")
+                seed_image = gr.Image(label=labels["seed"], type="pil", format="png", interactive=False,
+                                      elem_id="tok-seed")
+            summary = gr.Markdown(elem_id="tok-summary")
+    run.click(answer, [scene, upload, tokens, steps, flex_path, seed_path_box],
+              [status, shown, flex_image, seed_image, summary])
+
+
+def build(model_path: str | None = None, video_model_path: str | None = None, flextok_path: str | None = None,
+          seed_path: str | None = None):
+    """The ``gr.Blocks`` app: an Image tab (``model_path``, default tiny-llava), a Video tab (``video_model_path``,
+    default tiny-onevision) and a Tokenizers tab (``flextok_path`` / ``seed_path``: tokenizer folders, default the
+    embedded tiny-flextok / tiny-seed; loaded on the first run)."""
     import gradio as gr
 
     with gr.Blocks(title="vlm-compress", analytics_enabled=False) as app:
@@ -160,6 +242,8 @@ def build(model_path: str | None = None, video_model_path: str | None = None):
             image_tab(gr, model_path)
         with gr.Tab("Video", elem_id="video-tab"):
             video_tab(gr, video_model_path)
+        with gr.Tab("Tokenizers", elem_id="tokenizers-tab"):
+            tokenizer_tab(gr, flextok_path, seed_path)
         plots = bench_plots()
         if plots:
             with gr.Accordion("Recorded benchmark curves (eval/results)", open=False):
@@ -173,11 +257,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="the image tab's local checkpoint directory (default: the embedded tiny-llava)")
     parser.add_argument("--video-model", help="the video tab's local LLaVA-OneVision checkpoint directory "
                                               "(default: the embedded tiny-onevision)")
+    parser.add_argument("--flextok", help="the tokenizers tab's FlexTok: a local tokenizer folder (save_pretrained) "
+                                          "or an embedded name (default: tiny-flextok)")
+    parser.add_argument("--seed-tokenizer", help="the tokenizers tab's SEED: a local tokenizer folder "
+                                                 "(save_pretrained) or an embedded name (default: tiny-seed)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
-    build(args.model, args.video_model).launch(server_name=args.host, server_port=args.port, show_error=True,
-                                           css=CSS)
+    build(args.model, args.video_model, args.flextok, args.seed_tokenizer).launch(
+        server_name=args.host, server_port=args.port, show_error=True, css=CSS)
 
 
 if __name__ == "__main__":
