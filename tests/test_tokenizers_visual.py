@@ -156,6 +156,15 @@ def test_flextok_budget_prefixes_and_every_length_decodes():
         model.encode(pixels, budget=0)
 
 
+def test_flextok_x_prediction_steps_with_the_velocity_it_implies():
+    model = flextok(prediction="x")
+    noised, t = torch.randn(2, 16, 48), torch.tensor([0.5, 0.02])
+    registers = model.decoder_registers(model.quantizer.indices_to_codes(model.encode(images(2))), 8)
+    x0 = model.network(noised, registers, t)
+    expected = (noised - x0) / torch.tensor([0.5, 0.05])[:, None, None]  # t floored at 0.05
+    assert torch.allclose(model.velocity(noised, registers, t), expected)
+
+
 def test_flextok_truncated_tokens_equal_masking_the_rest():
     model = flextok()
     codes = model.quantizer.indices_to_codes(model.encode(images(2)))
@@ -208,8 +217,9 @@ def test_flextok_encode_is_deterministic_and_the_vae_posterior_is_sampled_only_w
         flextok().encode(images(1), sample_posterior=True)
 
 
-def test_flextok_training_loss_reaches_encoder_decoder_and_mask_token():
-    model = flextok().train()
+@pytest.mark.parametrize("prediction", ["v", "x"])
+def test_flextok_training_loss_reaches_encoder_decoder_and_mask_token(prediction):
+    model = flextok(prediction=prediction).train()
     loss = model.training_loss(images(4), generator=torch.Generator().manual_seed(0))
     loss.backward()
     for name in ("enc_registers", "enc_patch_emb.weight", "dec_mask_token", "dec_to_patches.weight"):

@@ -18,6 +18,13 @@ FlexTok, arXiv 2502.13967 (ICML 2025), official code ``apple/ml-flextok`` (refer
 
 Deliberate differences from the official code:
 
+* ``prediction="x"`` (the shipped model): in pixel space an 8×8×3 patch has more dimensions than the small
+  decoder's width, so a network that must output ``v = ε − x0`` cannot carry the noise through; predicting the
+  clean patch and stepping with ``v = (x_t − x̂0)/t`` avoids that (JiT: Li & He, "Back to Basics: Let Denoising
+  Generative Models Denoise", 2025). Its loss is the MSE of ``x̂0``. The official models predict ``v`` (the
+  default here, and what their checkpoints load as).
+* The starting noise of ``decode`` is drawn once and shared by the batch, so an image decodes the same alone or
+  in a batch.
 * Pixel space by default (the small shipped model encodes 64×64 images directly); a diffusers ``AutoencoderKL``
   (FlexTok's ``StableDiffusionVAE``, f8) is used when ``vae_path`` is set or a ``vae`` is passed. Its posterior is
   sampled only when asked: ``encode(..., sample_posterior=True, generator=g)``; the official wrapper samples by
@@ -53,6 +60,7 @@ from .quantizers import FSQ
 
 NESTED_MODES = ("pow2", "uniform", "uniform_pow2")
 TIME_FREQUENCIES = 256  # the sinusoid width of FlexTok's TimestepEmbedder
+MIN_T = 0.05  # x-prediction: the floor of t when turning x̂0 into a velocity (JiT clips likewise)
 
 
 @dataclasses.dataclass
@@ -73,6 +81,10 @@ class FlexTokConfig:
     cond_dropout: float = dataclasses.field(default=0.1, metadata={
         "help": "Training share of samples decoded with every register masked (the null condition of CFG)."})
     drop_quant_p: float = dataclasses.field(default=0.0, metadata={"help": "Training share of samples that skip FSQ rounding."})
+    prediction: str = dataclasses.field(default="v", metadata={
+        "help": "What the decoder network outputs: 'v' (ε − x0, the official choice, in a VAE's low-dimensional "
+                "latent) or 'x' (the clean patches, as JiT does for high-dimensional pixel patches); "
+                "the sampler always steps with v.", "choices": ("v", "x")})
     adaln_groups: int = dataclasses.field(default=2, metadata={
         "help": "AdaLN modulation sets in the decoder: 2 = patches and registers modulated separately, 1 = shared.",
         "choices": (1, 2)})
@@ -123,6 +135,8 @@ class FlexTokTokenizer(ImageTokenizer):
         self.dec_patch_emb = nn.Linear(patch_dim, width)
         self.register_buffer("dec_posemb", sincos_2d(self.grid, self.grid, width))
         self.dec_time_mlp = nn.Sequential(nn.Linear(TIME_FREQUENCIES, width), nn.SiLU(), nn.Linear(width, width))
+        if config.prediction not in ("v", "x"):
+            raise ValueError(f"prediction must be 'v' or 'x', got {config.prediction!r}")
         if config.adaln_groups not in (1, 2):
             raise ValueError(f"adaln_groups must be 1 or 2, got {config.adaln_groups}")
         groups = (n, k) if config.adaln_groups == 2 else (n + k,)
@@ -217,7 +231,15 @@ class FlexTokTokenizer(ImageTokenizer):
         return torch.where(kept[..., None], x, self.dec_mask_token.to(x.dtype))
 
     def velocity(self, noised: torch.Tensor, registers: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The flow's prediction ``v ≈ ε − x0`` for noised patches ``[B, N, C·p²]`` at time ``t [B]``."""
+        """The flow's velocity ``v ≈ ε − x0`` for noised patches ``[B, N, C·p²]`` at time ``t [B]``; an x-predicting
+        network's clean estimate becomes ``(x_t − x̂0) / t`` (``t`` floored at :data:`MIN_T`)."""
+        out = self.network(noised, registers, t)
+        if self.config.prediction == "v":
+            return out
+        return (noised - out) / t.clamp(min=MIN_T)[:, None, None]
+
+    def network(self, noised: torch.Tensor, registers: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The decoder transformer: ``v`` or ``x̂0`` (``config.prediction``) for every patch, ``[B, N, C·p²]``."""
         n = noised.shape[1]
         cond = self.dec_time_mlp(timestep_embedding(t, TIME_FREQUENCIES).to(noised.dtype))
         x = torch.cat([self.dec_patch_emb(noised) + self.dec_posemb, registers], 1)
@@ -250,7 +272,8 @@ class FlexTokTokenizer(ImageTokenizer):
         t = torch.sigmoid(torch.randn(b, generator=generator)).to(x0)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         noised = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
-        return F.mse_loss(self.velocity(noised, registers, t), noise - x0)
+        target = noise - x0 if self.config.prediction == "v" else x0
+        return F.mse_loss(self.network(noised, registers, t), target)
 
     def _skip_saving(self, key: str) -> bool:
         return key.startswith("vae.")
