@@ -92,7 +92,7 @@ def speed(model, pixels: torch.Tensor, tokens: int, repeats: int = 3) -> dict:
             times.append(time.perf_counter() - start)
         return len(pixels) / min(times)
 
-    return {"batch": len(pixels), "tokens": tokens, "encode_images_per_s": best(lambda: model.encode(pixels)),
+    return {"batch": len(pixels), "repeats": repeats, "tokens": tokens, "encode_images_per_s": best(lambda: model.encode(pixels)),
             "decode_images_per_s": best(lambda: model.decode(ids, generator=_seeded()))}
 
 
@@ -140,7 +140,8 @@ def markdown(report: dict) -> str:
               f"| retrieval@1 of the own target among {sd['images']} | {sd['retrieval_at_1']:.3f} "
               f"(chance {1 / sd['images']:.3f}) |",
               f"| pixel decoder PSNR (dB) | {sd['pixel_psnr']:.2f} |"]
-    lines += ["", "## Speed (images/s, batch of 16, best of 3)", "",
+    s = report["flextok"]["speed"]
+    lines += ["", f"## Speed (images/s, batch of {s['batch']}, best of {s['repeats']})", "",
               "| tokenizer | tokens | encode | decode |", "|---|---:|---:|---:|"]
     for name in ("flextok", "seed"):
         s = report[name]["speed"]
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=64, help="Test scenes for FlexTok's PSNR table.")
     parser.add_argument("--seed-images", type=int, default=256, help="Test scenes for SEED's figures.")
     parser.add_argument("--grid-rows", type=int, default=6)
+    parser.add_argument("--speed-batch", type=int, default=16, help="Images per timed encode/decode call.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed calls; the best counts.")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     flextok, seed = load_tokenizer(args.flextok), load_tokenizer(args.seed)
-    test = flextok.preprocess(scene_images("test", 0, max(args.images, args.seed_images, 16)))
+    test = flextok.preprocess(scene_images("test", 0, max(args.images, args.seed_images, args.speed_batch)))
+    timed = test[:args.speed_batch]
     shown = sys.argv[1:] if argv is None else argv
     report = {"command": " ".join(["python -m vlm_compress.bench.tokenizer_bench", *shown]),
               "machine": machine_description(torch.device("cpu"))}
@@ -174,10 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.flextok, "images": args.images, "parameters": sum(p.numel() for p in flextok.parameters()),
         "levels": flextok.config.levels, "codebook_size": flextok.codebook_size, "steps": flextok.config.timesteps,
         "guidance_scale": flextok.config.guidance_scale, "quality": flextok_quality(flextok, test[:args.images]),
-        "speed": speed(flextok, test[:16], flextok.max_tokens)}
+        "speed": speed(flextok, timed, flextok.max_tokens, args.repeats)}
     report["seed"] = {"model": args.seed, "tokens": seed.max_tokens,
                       "parameters": sum(p.numel() for n, p in seed.named_parameters() if not n.startswith("target.")),
-                      **seed_quality(seed, test[:args.seed_images]), "speed": speed(seed, test[:16], seed.max_tokens)}
+                      **seed_quality(seed, test[:args.seed_images]), "speed": speed(seed, timed, seed.max_tokens, args.repeats)}
     reconstruction_grid(flextok, seed, test[:args.grid_rows]).save(out / "tokenizers_grid.png")
     (out / "tokenizers.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "tokenizers.md").write_text(markdown(report))

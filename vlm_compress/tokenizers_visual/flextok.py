@@ -23,6 +23,8 @@ Deliberate differences from the official code:
   clean patch and stepping with ``v = (x_t − x̂0)/t`` avoids that (JiT: Li & He, "Back to Basics: Let Denoising
   Generative Models Denoise", 2025). Its loss is the MSE of ``x̂0``. The official models predict ``v`` (the
   default here, and what their checkpoints load as).
+* ``time_mean`` shifts the logit-normal training times toward noise (the shipped model: 1.0, half of the samples
+  at t > 0.73), where the decoder can only reconstruct from the registers; the official location is 0.
 * The starting noise of ``decode`` is drawn once and shared by the batch, so an image decodes the same alone or
   in a batch.
 * Pixel space by default (the small shipped model encodes 64×64 images directly); a diffusers ``AutoencoderKL``
@@ -80,6 +82,9 @@ class FlexTokConfig:
                 "rounded up to a power of two).", "choices": NESTED_MODES})
     cond_dropout: float = dataclasses.field(default=0.1, metadata={
         "help": "Training share of samples decoded with every register masked (the null condition of CFG)."})
+    time_mean: float = dataclasses.field(default=0.0, metadata={
+        "help": "Training times t = sigmoid(N(time_mean, 1)): 0 is the official logit-normal; > 0 trains more at "
+                "high noise, where the decoder must rely on the registers."})
     drop_quant_p: float = dataclasses.field(default=0.0, metadata={"help": "Training share of samples that skip FSQ rounding."})
     prediction: str = dataclasses.field(default="v", metadata={
         "help": "What the decoder network outputs: 'v' (ε − x0, the official choice, in a VAE's low-dimensional "
@@ -269,7 +274,7 @@ class FlexTokTokenizer(ImageTokenizer):
         keep = self.sample_keep(b, generator).to(x0.device)
         drop = torch.rand(b, generator=generator).to(x0.device) < self.config.cond_dropout
         registers = self.decoder_registers(codes, torch.where(drop, 0, keep))
-        t = torch.sigmoid(torch.randn(b, generator=generator)).to(x0)
+        t = torch.sigmoid(torch.randn(b, generator=generator) + self.config.time_mean).to(x0)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         noised = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
         target = noise - x0 if self.config.prediction == "v" else x0
