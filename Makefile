@@ -46,6 +46,15 @@ bench: setup
 	$(PY) -m vlm_compress.bench
 	$(PY) -m vlm_compress.bench.tokenizer_bench
 
+# The embedded image tokenizers from scratch on 64×64 scenes (see their train_log.json): tiny-seed (900 steps, one
+# thread, ~25 min on a shared 2-core machine) and tiny-flextok.
+train-tokenizers: setup
+	$(PY) -m vlm_compress.bench.train_tokenizer --kind seed --out vlm_compress/assets/tiny-seed --steps 900 \
+		--save-every 300 --threads 1 --save-dtype float16
+	$(PY) -m vlm_compress.bench.train_tokenizer --kind flextok --out vlm_compress/assets/tiny-flextok --steps 1400 \
+		--lr 6e-4 --save-every 200 --save-dtype float16 \
+		--config '{"width": 96, "patch_size": 8, "prediction": "x", "time_mean": 1.0}'
+
 # The image tokenizers alone: FlexTok PSNR per token count, SEED codebook use and embedding fidelity, speed, and
 # the reconstruction grid (eval/results/tokenizers.{md,json}, tokenizers_grid.png).
 bench-tokenizers: setup
