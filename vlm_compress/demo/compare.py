@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .. import compress, restore
 from ..adapters import get_adapter
@@ -66,6 +66,8 @@ def read_image(source) -> tuple[Image.Image, str]:
     """An RGB image from a path or PIL image, downscaled to at most :data:`MAX_SIDE` pixels; and a note."""
     if source is None:
         raise DemoInputError("choose an example image or upload one")
+    truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES  # lmms-eval sets it for the whole process on import
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut upload is an error here, never half an image
     try:
         image = source if isinstance(source, Image.Image) else Image.open(source)
         image.load()
@@ -74,6 +76,8 @@ def read_image(source) -> tuple[Image.Image, str]:
         raise DemoInputError(
             f"{name} is not an image this demo can read ({type(err).__name__}); upload a PNG or JPEG"
         ) from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
     image = image.convert("RGB")
     if max(image.size) <= MAX_SIDE:
         return image, ""
