@@ -32,9 +32,10 @@ def test_flextok_loads_by_name_and_more_tokens_reconstruct_better(flextok):
     pixels = flextok.preprocess(scene_images("test", 0, 8))
     ids = flextok.encode(pixels)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    coarse = psnr(pixels, flextok.decode(ids[:, :1], steps=8, generator=g())).mean()
-    fine = psnr(pixels, flextok.decode(ids, steps=8, generator=g())).mean()
-    assert fine > coarse + 1.0, (float(coarse), float(fine))
+    # the one-step decode is the decoder's mean image given the tokens: more tokens, closer to the input
+    coarse, mid, fine = (float(psnr(pixels, flextok.decode(ids[:, :k], steps=1, generator=g())).mean())
+                         for k in (1, 16, 256))
+    assert coarse + 0.3 < mid < fine, (coarse, mid, fine)
 
 
 def test_seed_loads_by_name_with_its_target_and_its_embedding_beats_chance(seed):
