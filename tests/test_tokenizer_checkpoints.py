@@ -127,7 +127,8 @@ def test_seed_without_vit_weights_decodes_ids_but_refuses_to_encode(seed_files):
     path, _, _ = seed_files
     model = load_seed_official(path / "seed_quantizer.pt", heads=2)
     assert model.visual_encoder.cls_token.is_meta  # the 1B-parameter ViT is never allocated
-    assert model.image_embedding(torch.zeros(1, Q, dtype=torch.long)).shape == (1, EMB)
+    embedding = model.image_embedding(torch.zeros(1, Q, dtype=torch.long))
+    assert embedding.shape == (1, EMB) and not embedding.is_meta and torch.isfinite(embedding).all()
     with pytest.raises(ValueError, match="vision_path"):
         model.encode(torch.rand(1, 3, 224, 224))
 

@@ -99,8 +99,12 @@ class ImageTokenizer(nn.Module, abc.ABC):
                 )
             pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False)
             pixels = pixels.clamp(0, 1)
-        param = next(self.parameters())
+        param = self._reference_parameter()
         return pixels.to(device=param.device, dtype=param.dtype)
+
+    def _reference_parameter(self) -> torch.Tensor:
+        """A parameter that holds real data (a SEED loaded without its ViT keeps that ViT on the meta device)."""
+        return next(p for p in self.parameters() if not p.is_meta)
 
     def _check_tokens(self, tokens: torch.Tensor) -> torch.LongTensor:
         from .quantizers import check_indices
@@ -112,7 +116,7 @@ class ImageTokenizer(nn.Module, abc.ABC):
             raise ValueError(
                 f"token ids must be [batch, T] with 1 <= T <= {self.max_tokens}, got shape {tuple(tokens.shape)}"
             )
-        return tokens.long().to(next(self.parameters()).device)
+        return tokens.long().to(self._reference_parameter().device)
 
     # ---- weights ----------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, extra: dict | None = None, dtype: torch.dtype | None = None) -> None:

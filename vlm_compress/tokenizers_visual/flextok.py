@@ -178,7 +178,7 @@ class FlexTokTokenizer(ImageTokenizer):
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         registers = self.decoder_registers(self.quantizer.indices_to_codes(tokens), tokens.shape[1])
         null = self.decoder_registers(None, 0, batch=tokens.shape[0]) if scale != 1.0 else None
-        param = next(self.parameters())
+        param = self._reference_parameter()
         # one starting noise shared by the batch (as SEED's official decoder shares its latents): an image decodes
         # the same alone or in any batch, for a given generator state
         shape = (1, self.grid**2, self.channels * self.config.patch_size**2)
@@ -228,7 +228,6 @@ class FlexTokTokenizer(ImageTokenizer):
         k_max = self.config.registers
         if codes is None:
             codes = self.dec_mask_token.new_zeros(batch, 0, len(self.config.levels))
-        batch = codes.shape[0]
         padded = F.pad(codes, (0, 0, 0, k_max - codes.shape[1]))
         keep = torch.as_tensor(keep, device=codes.device).reshape(-1, 1)
         kept = torch.arange(k_max, device=codes.device)[None] < keep
