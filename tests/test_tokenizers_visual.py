@@ -251,6 +251,17 @@ def test_flextok_save_load_round_trip(tmp_path):
 def test_load_tokenizer_errors_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         load_tokenizer(tmp_path / "nothing")
+    flextok().save_pretrained(tmp_path / "ft")
+    (tmp_path / "ft" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors file.*save or copy the folder again"):
+        load_tokenizer(tmp_path / "ft")
+
+
+def test_flextok_runs_in_bfloat16():
+    model = flextok().to(torch.bfloat16)
+    ids = model.encode(images(2))
+    out = model.decode(ids[:, :3], steps=1)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 16, 16)
 
 
 # ---- SEED -----------------------------------------------------------------------------------------------

@@ -64,7 +64,11 @@ def load_tokenizer(name_or_path: str | Path, **kwargs) -> ImageTokenizer:
     if cls is SeedTokenizer and (path / TARGET_DIR).is_dir() and "target" not in kwargs:
         kwargs["target"] = load_clip_target(path / TARGET_DIR)
     model = cls(cls.config_from_dict(spec), **kwargs)
-    state = load_file(str(path / WEIGHTS_NAME))
+    try:
+        state = load_file(str(path / WEIGHTS_NAME))
+    except Exception as err:  # safetensors raises its own error type for a damaged header
+        raise CheckpointError(f"{path / WEIGHTS_NAME} is not a readable safetensors file ({err}); save or copy the "
+                              f"folder again") from err
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not model._skip_saving(k)]
     if missing or unexpected:

@@ -228,6 +228,7 @@ class FlexTokTokenizer(ImageTokenizer):
         k_max = self.config.registers
         if codes is None:
             codes = self.dec_mask_token.new_zeros(batch, 0, len(self.config.levels))
+        codes = codes.to(self.dec_from_latents.weight.dtype)  # FSQ codes are float32; the model may be bf16/fp16
         padded = F.pad(codes, (0, 0, 0, k_max - codes.shape[1]))
         keep = torch.as_tensor(keep, device=codes.device).reshape(-1, 1)
         kept = torch.arange(k_max, device=codes.device)[None] < keep
