@@ -24,6 +24,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..tokenizers_visual import psnr, to_uint8
+from ..tokenizers_visual.quantizers import perplexity
+from ..tokenizers_visual.seed import embedding_fidelity
 from ..tokenizers_visual.checkpoints import load_tokenizer
 from .timing import machine_description
 from .tokenizer_data import scene_images
@@ -60,23 +62,14 @@ def flextok_quality(model, pixels: torch.Tensor, lengths=LENGTHS, batch: int = 3
 def seed_quality(model, pixels: torch.Tensor, batch: int = 64) -> dict:
     """SEED's figures on ``pixels``: codebook use and perplexity over all codes, embedding fidelity, PSNR."""
     ids = torch.cat([model.encode(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
-    counts = torch.bincount(ids.flatten(), minlength=model.codebook_size).float()
-    probs = counts / counts.sum()
+    counts = torch.bincount(ids.flatten(), minlength=model.codebook_size)
     embeds = torch.cat([model.image_embedding(ids[i:i + batch]) for i in range(0, len(ids), batch)])
     target = torch.cat([model.target_embedding(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
-    cos = torch.nn.functional.cosine_similarity(embeds, target, dim=-1)
-    mean = target.mean(0, keepdim=True)
-    baseline = torch.nn.functional.cosine_similarity(mean, target, dim=-1)
-    centered = torch.nn.functional.cosine_similarity(embeds - mean, target - mean, dim=-1)
-    sims = torch.nn.functional.normalize(embeds, dim=-1) @ torch.nn.functional.normalize(target, dim=-1).t()
     recon = torch.cat([model.decode(ids[i:i + batch]) for i in range(0, len(ids), batch)])
     return {
         "images": len(pixels), "codes_drawn": int(ids.numel()), "codebook_size": model.codebook_size,
         "codes_used": int((counts > 0).sum()), "codes_used_share": float((counts > 0).float().mean()),
-        "perplexity": float(torch.exp(-(probs * probs.clamp(min=1e-12).log()).sum())),
-        "embedding_cosine": float(cos.mean()), "mean_target_cosine": float(baseline.mean()),
-        "centered_cosine": float(centered.mean()),
-        "retrieval_at_1": float((sims.argmax(1) == torch.arange(len(ids))).float().mean()),
+        "perplexity": perplexity(counts), **embedding_fidelity(embeds, target),
         "pixel_psnr": float(psnr(pixels, recon).mean()),
     }
 

@@ -81,8 +81,7 @@ class VectorQuantizer(nn.Module):
 
     def perplexity(self) -> float:
         """exp(entropy) of the usage counts: the effective number of codes in use."""
-        probs = self.usage.float() / self.usage.sum().clamp(min=1)
-        return float(torch.exp(-(probs * probs.clamp(min=1e-12).log()).sum()))
+        return perplexity(self.usage)
 
     @torch.no_grad()
     def restart_dead_codes(self, threshold: int = 1, generator: torch.Generator | None = None) -> int:
@@ -161,6 +160,12 @@ class FSQ(nn.Module):
         digits = (indices[..., None] // self.basis) % self.levels
         half = (self.levels // 2).float()
         return (digits.float() - half) / half
+
+
+def perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of code counts ``[num_codes]``: the effective number of codes in use."""
+    probs = counts.float() / counts.sum().clamp(min=1)
+    return float(torch.exp(-(probs * probs.clamp(min=1e-12).log()).sum()))
 
 
 def check_indices(indices: torch.Tensor, num_codes: int) -> None:

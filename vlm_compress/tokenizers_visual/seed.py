@@ -338,16 +338,7 @@ class SeedTokenizer(ImageTokenizer):
         ids = self._encode(pixels, self.max_tokens)
         embeds = self._image_embedding(ids)
         target = self.target_embedding(pixels)
-        cos = F.cosine_similarity(embeds, target, dim=-1)
-        baseline = F.cosine_similarity(target.mean(0, keepdim=True), target, dim=-1)
-        sims = F.normalize(embeds, dim=-1) @ F.normalize(target, dim=-1).t()
-        out = {
-            "embedding_cosine": float(cos.mean()),
-            "mean_target_cosine": float(baseline.mean()),
-            "centered_cosine": float(F.cosine_similarity(embeds - target.mean(0), target - target.mean(0), dim=-1).mean()),
-            "retrieval_at_1": float((sims.argmax(1) == torch.arange(len(ids))).float().mean()),
-            "codes_used": float(ids.unique().numel() / self.codebook_size),
-        }
+        out = {**embedding_fidelity(embeds, target), "codes_used": float(ids.unique().numel() / self.codebook_size)}
         if self.pixel_decoder is not None:
             out["pixel_psnr"] = float(psnr(pixels, self.pixel_decoder(embeds)).mean())
         return out
@@ -359,6 +350,20 @@ class SeedTokenizer(ImageTokenizer):
         super().save_pretrained(path, extra, dtype)
         if self.target is not None:
             save_clip_target(self.target, Path(path) / TARGET_DIR, getattr(self.target, "_open_clip_model_cfg", None))
+
+
+def embedding_fidelity(embeds: torch.Tensor, target: torch.Tensor) -> dict:
+    """How well reconstructed embeddings ``[N, E]`` match their targets ``[N, E]``: mean cosine; the cosine of the
+    mean target (the no-information baseline); the cosine after subtracting that mean from both; retrieval@1 of
+    each row's own target among the ``N``."""
+    mean = target.mean(0, keepdim=True)
+    sims = F.normalize(embeds, dim=-1) @ F.normalize(target, dim=-1).t()
+    return {
+        "embedding_cosine": float(F.cosine_similarity(embeds, target, dim=-1).mean()),
+        "mean_target_cosine": float(F.cosine_similarity(mean, target, dim=-1).mean()),
+        "centered_cosine": float(F.cosine_similarity(embeds - mean, target - mean, dim=-1).mean()),
+        "retrieval_at_1": float((sims.argmax(1) == torch.arange(len(embeds), device=embeds.device)).float().mean()),
+    }
 
 
 def tiny_clip_config(embedding_dim: int = 128, image_size: int = 64) -> dict:
