@@ -175,6 +175,38 @@ def test_flextok_truncated_tokens_equal_masking_the_rest():
     assert not torch.equal(masked[:, :3], model.dec_mask_token.expand(2, 3, -1))
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_flextok_compact_registers_equal_padding_with_mask_tokens(groups):
+    model = flextok(adaln_groups=groups)
+    codes = model.quantizer.indices_to_codes(model.encode(images(2)))
+    noised, t = torch.randn(2, 16, 48), torch.tensor([0.7, 0.2])
+    for k in (0, 1, 3, 7, 8):  # 0: the null condition; 7: one masked register (no bias); 8: none masked
+        part = codes[:, :k] if k else None
+        padded = model.network(noised, model.decoder_registers(part, k, batch=2), t)
+        registers, masked = model.compact_registers(part, batch=2)
+        assert registers.shape[1] == min(k + 1, 8) and masked == 8 - k
+        assert torch.allclose(model.network(noised, registers, t, masked), padded, atol=1e-5)
+
+
+def test_flextok_grouped_training_loss_equals_padding_every_sample_to_k():
+    model = flextok(cond_dropout=0.3)
+    model.train()
+    pixels = images(6)
+    loss = model.training_loss(pixels, generator=torch.Generator().manual_seed(3))
+    # the same draws, every sample padded to K registers with mask tokens (the official form)
+    g = torch.Generator().manual_seed(3)
+    keep = model.sample_keep(6, g)
+    keep = torch.where(torch.rand(6, generator=g) < 0.3, 0, keep)
+    assert len(keep.unique()) > 1  # the grouping is exercised
+    t = torch.sigmoid(torch.randn(6, generator=g) + model.config.time_mean)
+    x0 = model.to_latent(pixels)
+    noise = torch.randn(x0.shape, generator=g)
+    noised = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
+    registers = model.decoder_registers(model.quantizer(model.encode_registers(x0)).codes, keep)
+    expected = F.mse_loss(model.network(noised, registers, t), noise - x0)
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
 def test_flextok_decode_is_seeded_and_guidance_changes_it():
     model = flextok()
     ids = model.encode(images(2))

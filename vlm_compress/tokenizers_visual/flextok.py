@@ -176,8 +176,8 @@ class FlexTokTokenizer(ImageTokenizer):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        registers = self.decoder_registers(self.quantizer.indices_to_codes(tokens), tokens.shape[1])
-        null = self.decoder_registers(None, 0, batch=tokens.shape[0]) if scale != 1.0 else None
+        registers, masked = self.compact_registers(self.quantizer.indices_to_codes(tokens))
+        null, null_masked = self.compact_registers(None, batch=len(tokens)) if scale != 1.0 else (None, 0)
         param = self._reference_parameter()
         # one starting noise shared by the batch (as SEED's official decoder shares its latents): an image decodes
         # the same alone or in any batch, for a given generator state
@@ -185,9 +185,9 @@ class FlexTokTokenizer(ImageTokenizer):
         x = torch.randn(shape, generator=generator, device=param.device, dtype=param.dtype).expand(len(tokens), -1, -1)
         for i in range(steps):
             t = torch.full((len(tokens),), 1.0 - i / steps, device=x.device)
-            v = self.velocity(x, registers, t)
+            v = self.velocity(x, registers, t, masked)
             if null is not None:
-                v_null = self.velocity(x, null, t)
+                v_null = self.velocity(x, null, t, null_masked)
                 v = v_null + scale * (v - v_null)
             x = x - v / steps
         return self.from_latent(x)
@@ -212,12 +212,18 @@ class FlexTokTokenizer(ImageTokenizer):
             x = self.vae.decode(x / getattr(self.vae.config, "scaling_factor", 1.0)).sample
         return (x + 1) / 2
 
-    def encode_registers(self, patches: torch.Tensor) -> torch.Tensor:
-        """Patches ``[B, N, C·p²]`` → pre-quantisation register vectors ``[B, K, len(levels)]``."""
+    def encode_registers(self, patches: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Patches ``[B, N, C·p²]`` → pre-quantisation register vectors ``[B, count, len(levels)]`` (``count``
+        defaults to K). The registers are causal, so the first ``count`` need only the first ``count`` register slots
+        (training computes no more than each sample keeps; ``encode`` computes all K and truncates, so a shorter
+        encoding is bit for bit a prefix of the full one)."""
         b, n = patches.shape[:2]
-        x = torch.cat([self.enc_patch_emb(patches) + self.enc_posemb, self.enc_registers.expand(b, -1, -1)], 1)
+        count = self.config.registers if count is None else count
+        x = torch.cat([self.enc_patch_emb(patches) + self.enc_posemb,
+                       self.enc_registers[:count].expand(b, -1, -1)], 1)
+        mask = self.encoder_mask[: n + count, : n + count]
         for block in self.enc_blocks:
-            x = block(x, mask=self.encoder_mask)
+            x = block(x, mask=mask)
         return self.enc_to_latents(plain_norm(x[:, n:]))
 
     # ---- decoder ----------------------------------------------------------------------------------------
@@ -235,21 +241,50 @@ class FlexTokTokenizer(ImageTokenizer):
         x = self.dec_from_latents(padded) + self.dec_register_posemb
         return torch.where(kept[..., None], x, self.dec_mask_token.to(x.dtype))
 
-    def velocity(self, noised: torch.Tensor, registers: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def compact_registers(self, codes: torch.Tensor | None, batch: int | None = None) -> tuple[torch.Tensor, int]:
+        """Codes ``[B, k, D]`` (``None``: the null condition, ``k = 0``) → the decoder's register inputs in compact
+        form, ``[B, k + 1, W]`` (the ``k`` kept registers, then one mask token standing for the ``K − k`` masked
+        ones; no mask token when ``k = K``), and ``K − k``.
+
+        Exact, not an approximation of :meth:`decoder_registers`: the masked registers are identical inputs (the mask
+        token replaces their position embedding too), so they stay identical through every block, and softmax over
+        ``m`` equal logits equals one logit raised by ``log m`` (:meth:`network` adds it). The decoder then runs on
+        ``N + k + 1`` positions instead of ``N + K`` (a test checks both forms agree)."""
+        k_max = self.config.registers
+        if codes is None:
+            codes = self.dec_mask_token.new_zeros(batch, 0, len(self.config.levels))
+        k = codes.shape[1]
+        if k > k_max:
+            raise ValueError(f"at most {k_max} registers, got {k}")
+        x = self.dec_from_latents(codes.to(self.dec_from_latents.weight.dtype)) + self.dec_register_posemb[:k]
+        if k < k_max:
+            x = torch.cat([x, self.dec_mask_token.to(x.dtype).expand(len(x), 1, -1)], 1)
+        return x, k_max - k
+
+    def velocity(self, noised: torch.Tensor, registers: torch.Tensor, t: torch.Tensor, masked: int = 0) -> torch.Tensor:
         """The flow's velocity ``v ≈ ε − x0`` for noised patches ``[B, N, C·p²]`` at time ``t [B]``; an x-predicting
-        network's clean estimate becomes ``(x_t − x̂0) / t`` (``t`` floored at :data:`MIN_T`)."""
-        out = self.network(noised, registers, t)
+        network's clean estimate becomes ``(x_t − x̂0) / t`` (``t`` floored at :data:`MIN_T`). ``registers`` and
+        ``masked``: see :meth:`network`."""
+        out = self.network(noised, registers, t, masked)
         if self.config.prediction == "v":
             return out
         return (noised - out) / t.clamp(min=MIN_T)[:, None, None]
 
-    def network(self, noised: torch.Tensor, registers: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The decoder transformer: ``v`` or ``x̂0`` (``config.prediction``) for every patch, ``[B, N, C·p²]``."""
-        n = noised.shape[1]
+    def network(self, noised: torch.Tensor, registers: torch.Tensor, t: torch.Tensor, masked: int = 0) -> torch.Tensor:
+        """The decoder transformer: ``v`` or ``x̂0`` (``config.prediction``) for every patch, ``[B, N, C·p²]``.
+
+        ``registers [B, R, W]``: all K (:meth:`decoder_registers`, ``masked=0``) or the compact form of
+        :meth:`compact_registers`, whose last entry stands for ``masked`` identical mask tokens."""
+        n, r = noised.shape[1], registers.shape[1]
         cond = self.dec_time_mlp(timestep_embedding(t, TIME_FREQUENCIES).to(noised.dtype))
         x = torch.cat([self.dec_patch_emb(noised) + self.dec_posemb, registers], 1)
+        bias = None
+        if masked > 1:  # one key for `masked` equal ones: its logit + log(masked)
+            bias = x.new_zeros(1, 1, 1, n + r)
+            bias[..., -1] = math.log(masked)
+        groups = (n, r) if self.config.adaln_groups == 2 else (n + r,)
         for block in self.dec_blocks:
-            x = block(x, cond)
+            x = block(x, cond, mask=bias, groups=groups)
         shift, scale = self.dec_out_modulation(cond)[:, None].chunk(2, -1)
         return self.dec_to_patches(plain_norm(x[:, :n]) * (1 + scale) + shift)
 
@@ -270,15 +305,22 @@ class FlexTokTokenizer(ImageTokenizer):
         """Rectified-flow loss with nested dropout and condition dropout for a batch ``[B, 3, H, W]`` in [0, 1]."""
         x0 = self.to_latent(pixels)
         b = x0.shape[0]
-        codes = self.quantizer(self.encode_registers(x0)).codes
         keep = self.sample_keep(b, generator).to(x0.device)
         drop = torch.rand(b, generator=generator).to(x0.device) < self.config.cond_dropout
-        registers = self.decoder_registers(codes, torch.where(drop, 0, keep))
+        keep = torch.where(drop, 0, keep)
         t = torch.sigmoid(torch.randn(b, generator=generator) + self.config.time_mean).to(x0)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         noised = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
         target = noise - x0 if self.config.prediction == "v" else x0
-        return F.mse_loss(self.network(noised, registers, t), target)
+        # the samples that keep k registers run together on N + k (+1) positions: the same loss as padding every
+        # sample to K registers (causal encoder, compact_registers), at a fraction of the cost for short prefixes
+        squared = x0.new_zeros(())
+        for k in keep.unique().tolist():
+            rows = (keep == k).nonzero().flatten()
+            codes = self.quantizer(self.encode_registers(x0[rows], k)).codes if k else None
+            registers, masked = self.compact_registers(codes, batch=len(rows))
+            squared = squared + (self.network(noised[rows], registers, t[rows], masked) - target[rows]).pow(2).sum()
+        return squared / target.numel()
 
     def _skip_saving(self, key: str) -> bool:
         return key.startswith("vae.")

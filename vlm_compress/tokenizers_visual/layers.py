@@ -69,14 +69,19 @@ class FlexBlock(nn.Module):
             nn.init.zeros_(self.adaLN_modulation[1].weight)
             nn.init.zeros_(self.adaLN_modulation[1].bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                groups: tuple[int, ...] | None = None):
+        """``x [B, L, D]``; ``mask``: bool (``True`` = may attend) or an additive float bias, broadcastable to
+        ``[B, heads, L, L]``; ``groups``: the spans' lengths for this call when they differ from the built ones (as
+        many spans, summing to ``L``)."""
         if cond is None:
             x = x + self.attn(plain_norm(x), mask=mask)
             return x + self.mlp(plain_norm(x))
-        if sum(self.groups) != x.shape[1]:
-            raise ValueError(f"block built for {sum(self.groups)} positions, got {x.shape[1]}")
-        mods = self.adaLN_modulation(cond).chunk(len(self.groups), -1)  # per group [B, 6·D]
-        mods = torch.cat([m[:, None].expand(-1, n, -1) for m, n in zip(mods, self.groups)], 1)
+        groups = self.groups if groups is None else tuple(groups)
+        if len(groups) != len(self.groups) or sum(groups) != x.shape[1]:
+            raise ValueError(f"block built for {len(self.groups)} spans, got spans {groups} for {x.shape[1]} positions")
+        mods = self.adaLN_modulation(cond).chunk(len(groups), -1)  # per group [B, 6·D]
+        mods = torch.cat([m[:, None].expand(-1, n, -1) for m, n in zip(mods, groups)], 1)
         gate_msa, gate_mlp, shift_msa, scale_msa, shift_mlp, scale_mlp = mods.chunk(6, -1)
         x = x + gate_msa * self.attn(plain_norm(x) * (1 + scale_msa) + shift_msa, mask=mask)
         return x + gate_mlp * self.mlp(plain_norm(x) * (1 + scale_mlp) + shift_mlp)
