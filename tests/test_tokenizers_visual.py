@@ -11,6 +11,8 @@ from vlm_compress.tokenizers_visual import (
     SeedConfig,
     SeedTokenizer,
     VectorQuantizer,
+    VQGANConfig,
+    VQGANTokenizer,
     build_clip_target,
     psnr,
     tiny_clip_config,
@@ -352,6 +354,66 @@ def test_seed_save_load_round_trip_with_its_clip_target(tmp_path):
         assert torch.equal(loaded.target_embedding(pixels), model.target_embedding(pixels))
     assert loaded.encode(pixels).shape == (2, 6)
     assert loaded.quantize.embedding.weight.dtype == torch.float32
+
+
+# ---- grid VQ (LlamaGen-style) ----------------------------------------------------------------------------
+def vqgan(**overrides):
+    torch.manual_seed(0)
+    config = dict(image_size=16, base_channels=8, channel_mult=[1, 2, 2], codebook_size=32, code_dim=4)
+    return VQGANTokenizer(VQGANConfig(**{**config, **overrides})).eval()
+
+
+def test_vqgan_encodes_a_grid_and_embeds_the_unit_codes_it_looked_up():
+    model = vqgan()
+    pixels = images(3)
+    ids = model.encode(pixels)
+    assert ids.shape == (3, 16) and ids.dtype == torch.long and 0 <= ids.min() and ids.max() < 32
+    out = model.decode(ids)
+    assert out.shape == (3, 3, 16, 16) and 0 <= out.min() and out.max() <= 1
+    z = F.normalize(model.encoder(pixels * 2 - 1).flatten(2).transpose(1, 2), dim=-1)
+    assert torch.equal(ids, (z @ model.codebook().t()).argmax(-1))  # cosine nearest = L2 nearest on the sphere
+    assert torch.allclose(model.embed(ids).norm(dim=-1), torch.ones(3, 16))
+    for i in range(3):  # batch equals single
+        assert torch.equal(model.encode(pixels[i:i + 1]), ids[i:i + 1])
+        assert torch.allclose(model.decode(ids[i:i + 1]), out[i:i + 1], atol=1e-6)
+
+
+def test_vqgan_refuses_partial_grids_naming_the_fix():
+    model = vqgan()
+    with pytest.raises(ValueError, match="budget=None"):
+        model.encode(images(1), budget=8)
+    with pytest.raises(ValueError, match="all 16 codes"):
+        model.decode(torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_vqgan_warms_up_as_an_autoencoder_then_seeds_its_codebook_from_encoder_outputs():
+    model = vqgan(ae_warmup=2, restart_every=0)
+    model.train()
+    assert torch.allclose(model.quantizer.embedding.weight.norm(dim=-1), torch.ones(32))  # unit codes at init
+    pixels = images(4)
+    with torch.no_grad():
+        model.quantizer.embedding.weight.mul_(-1)  # any codebook: the warm-up loss never reads it
+    warm = model.training_loss(pixels)
+    with torch.no_grad():
+        model.quantizer.embedding.weight.normal_()
+    assert torch.equal(model.training_loss(pixels), warm)
+    model.after_step(0)
+    model.after_step(1)  # the warm-up ends: every code is moved onto an encoder output of the last batch
+    inputs = model.quantizer._last_inputs
+    nearest = torch.cdist(model.quantizer.codebook, inputs).min(1).values
+    assert nearest.max() < 0.05 and int(model.steps_trained) == 2
+    assert not torch.equal(model.training_loss(pixels), warm)  # quantised from now on
+
+
+def test_vqgan_save_load_round_trip(tmp_path):
+    model = vqgan()
+    model.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, VQGANTokenizer)
+    pixels = images(2)
+    ids = model.encode(pixels)
+    assert torch.equal(loaded.encode(pixels), ids)
+    assert torch.allclose(loaded.decode(ids), model.decode(ids))
 
 
 def test_psnr_matches_its_formula():

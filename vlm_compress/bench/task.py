@@ -120,6 +120,13 @@ class ShapesTask:
                 return Sample(self._render(objects, rng) if render else None, question, answer, qtype, objects)
         raise RuntimeError(f"could not build a {qtype} question on a {self.rows}×{self.cols} grid")
 
+    def render_scene(self, specs: list[tuple[str, str]], rng: np.random.Generator
+                     ) -> tuple[np.ndarray, list[SceneObject]] | None:
+        """Place ``(shape, colour)`` specs in free, non-touching cells and render them (sizes drawn as for the
+        questions): ``(image [H, W, 3] uint8, objects)``, or ``None`` when they do not fit."""
+        objects = self._place(rng, specs)
+        return (self._render(objects, rng), objects) if objects else None
+
     def _random_objects(self, rng, count, shapes=SHAPES, colors=tuple(COLORS)) -> list[tuple[str, str]]:
         return [(shapes[rng.integers(len(shapes))], colors[rng.integers(len(colors))]) for _ in range(count)]
 

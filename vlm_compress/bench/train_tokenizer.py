@@ -1,7 +1,11 @@
-"""Train the embedded image tokenizers (``tiny-flextok``, ``tiny-seed``) on 64×64 scenes, from scratch.
+"""Train the embedded image tokenizers (``tiny-flextok``, ``tiny-seed``, ``tiny-vq``) on 64×64 scenes, from scratch.
 
     python -m vlm_compress.bench.train_tokenizer --kind flextok --out vlm_compress/assets/tiny-flextok --steps 1200
     python -m vlm_compress.bench.train_tokenizer --kind seed --out vlm_compress/assets/tiny-seed --steps 1500
+    python -m vlm_compress.bench.train_tokenizer --kind vqgan --out vlm_compress/assets/tiny-vq --steps 3000
+
+FlexTok and SEED train on the ShapesVQA scenes (:mod:`.tokenizer_data`); the grid VQ on the class-conditional scenes
+its image generators model (:mod:`.generation_data`).
 
 Every step draws fresh scenes (``train`` split, never repeated), so there is no epoch and no overfitting to a
 fixed set. The model's own ``training_loss`` defines the objective (FlexTok: rectified flow with nested dropout;
@@ -22,18 +26,30 @@ import torch
 from .. import tokenizers_visual as tv
 from ..tokenizers_visual.base import psnr
 from .timing import machine_description
+from . import generation_data
 from .tokenizer_data import SCENES, scene_images
 from .train import schedule
 
-KINDS = ("flextok", "seed")
+KINDS = ("flextok", "seed", "vqgan")
+
+
+def training_images(kind: str, split: str, start: int, count: int):
+    """``[count, 64, 64, 3]`` uint8 training/validation images for a tokenizer kind."""
+    if kind == "vqgan":
+        return generation_data.class_scenes(split, start, count)[0]
+    return scene_images(split, start, count)
 
 
 @torch.no_grad()
 def validate(model, count: int = 32) -> dict:
     """Validation figures: FlexTok PSNR per prefix length; SEED embedding cosine, codebook use and pixel PSNR."""
     model.eval()
-    images = model.preprocess(scene_images("val", 0, count))
-    if isinstance(model, tv.FlexTokTokenizer):
+    images = model.preprocess(training_images(model.kind, "val", 0, count))
+    if isinstance(model, tv.VQGANTokenizer):
+        ids = model.encode(images)
+        out = {"psnr": round(float(psnr(images, model.decode(ids)).mean()), 2),
+               "codes_used": int(ids.unique().numel())}
+    elif isinstance(model, tv.FlexTokTokenizer):
         ids = model.encode(images)
         out = {}
         for k in (1, 4, 16, 64, model.max_tokens):
@@ -69,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cls = tv.FlexTokTokenizer if args.kind == "flextok" else tv.SeedTokenizer
+    cls = {"flextok": tv.FlexTokTokenizer, "seed": tv.SeedTokenizer, "vqgan": tv.VQGANTokenizer}[args.kind]
     config_cls = cls.config_class
     out = Path(args.out)
     previous = json.loads((out / "train_log.json").read_text()) if args.resume else None
@@ -90,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     step0 = previous["steps_done"] if previous else 0
     lr_at, _ = schedule(argparse.Namespace(steps=args.steps, minutes=0, warmup=args.warmup, lr=args.lr), step0,
                         time.time())
-    log = {"args": vars(args), "data": SCENES.describe(), "machine": machine_description(torch.device("cpu")),
+    data = ({"scenes": "generation_data.class_scenes", "classes": list(generation_data.CLASS_NAMES),
+             **generation_data.SCENES.describe()} if args.kind == "vqgan" else SCENES.describe())
+    log = {"args": vars(args), "data": data, "machine": machine_description(torch.device("cpu")),
            "parameters": sum(p.numel() for p in trainable), "history": []}
     if previous:
         log = {**previous, "history": previous["history"], "runs": [*previous.get("runs", [previous["args"]]), vars(args)]}
@@ -99,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(step0, step0 + args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        pixels = model.preprocess(scene_images("train", step * args.batch_size, args.batch_size))
+        pixels = model.preprocess(training_images(args.kind, "train", step * args.batch_size, args.batch_size))
         loss = model.training_loss(pixels, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

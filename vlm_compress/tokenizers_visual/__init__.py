@@ -1,5 +1,5 @@
-"""Discrete image tokenizers under the toolkit's budget language: FlexTok (1..K coarse-to-fine tokens) and SEED
-(32 causal Q-Former codes). ``tokenizer.encode(images, budget=...)`` with an int (tokens) or a float (share of
+"""Discrete image tokenizers under the toolkit's budget language: FlexTok (1..K coarse-to-fine tokens), SEED
+(32 causal Q-Former codes) and a LlamaGen-style grid VQ (the codes :mod:`vlm_compress.speculative` generates). ``tokenizer.encode(images, budget=...)`` with an int (tokens) or a float (share of
 ``max_tokens``); ``decode``, ``embed``, ``codebook_size``, ``max_tokens``. See :mod:`.base`.
 
 >>> tok = load_tokenizer("tiny-flextok")                 # or a save_pretrained folder; official: load_*_official
@@ -19,6 +19,7 @@ from .seed import (
     tiny_clip_config,
 )
 from .unclip import UnclipDecoder
+from .vqgan import VQGANConfig, VQGANTokenizer
 
 __all__ = [
     "FSQ",
@@ -30,6 +31,8 @@ __all__ = [
     "SeedConfig",
     "SeedTokenizer",
     "UnclipDecoder",
+    "VQGANConfig",
+    "VQGANTokenizer",
     "VectorQuantizer",
     "build_clip_target",
     "load_clip_target",

@@ -1,7 +1,7 @@
 """Reading tokenizers from local folders: our own format, and the official SEED-2 and FlexTok checkpoints.
 
 * :func:`load_tokenizer` — a folder written by ``save_pretrained`` (``config.json`` names the kind), or the name
-  of an embedded model (``"tiny-flextok"``, ``"tiny-seed"``).
+  of an embedded model (``"tiny-flextok"``, ``"tiny-seed"``, ``"tiny-vq"``).
 * :func:`load_seed_official` — ``seed_quantizer.pt`` of ``AILab-CVC/seed-tokenizer-2`` (a flat torch state dict,
   loaded by the official code with ``strict=False``; key names in ``models/seed_qformer/qformer_quantizer.py``)
   plus, for encoding, LAVIS's ``eva_vit_g.pth`` (EVA-CLIP ViT-g/14).
@@ -29,10 +29,11 @@ import torch
 from .base import CONFIG_NAME, WEIGHTS_NAME, ImageTokenizer
 from .flextok import FlexTokConfig, FlexTokTokenizer
 from .seed import TARGET_DIR, SeedConfig, SeedTokenizer, load_clip_target
+from .vqgan import VQGANTokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-EMBEDDED = ("tiny-flextok", "tiny-seed")
-KINDS: dict[str, type[ImageTokenizer]] = {"flextok": FlexTokTokenizer, "seed": SeedTokenizer}
+EMBEDDED = ("tiny-flextok", "tiny-seed", "tiny-vq")
+KINDS: dict[str, type[ImageTokenizer]] = {"flextok": FlexTokTokenizer, "seed": SeedTokenizer, "vqgan": VQGANTokenizer}
 
 
 class CheckpointError(ValueError):

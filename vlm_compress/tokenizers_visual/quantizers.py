@@ -44,6 +44,10 @@ class VectorQuantizer(nn.Module):
         self.num_codes, self.dim, self.beta, self.legacy, self.normalize = num_codes, dim, beta, legacy, normalize
         self.embedding = nn.Embedding(num_codes, dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / num_codes, 1.0 / num_codes)
+        if normalize:  # LlamaGen's VectorQuantizer: unit-norm codes from the start, so that an optimiser step of
+            # ~lr does not turn a code of norm ~1/num_codes around (the lookup normalises, the gradient scales by 1/‖e‖)
+            with torch.no_grad():
+                self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
         self.register_buffer("usage", torch.zeros(num_codes, dtype=torch.long), persistent=False)
 
     @property
