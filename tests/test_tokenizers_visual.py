@@ -251,6 +251,25 @@ def test_flextok_encode_is_deterministic_and_the_vae_posterior_is_sampled_only_w
         flextok().encode(images(1), sample_posterior=True)
 
 
+def test_flextok_with_a_vae_saves_and_loads_as_one_folder(tmp_path):
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                                  sample_size=32).eval()
+    model = FlexTokTokenizer(FlexTokConfig(**{**FLEX, "image_size": 32, "patch_size": 2}), vae=vae).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "vae" / "config.json").is_file()
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.vae is not None and loaded.config.vae_path is None
+    pixels = images(2, 32)
+    ids = model.encode(pixels)
+    assert torch.equal(loaded.encode(pixels), ids)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.allclose(loaded.decode(ids, steps=2, generator=g()), model.decode(ids, steps=2, generator=g()))
+
+
 @pytest.mark.parametrize("prediction", ["v", "x"])
 def test_flextok_training_loss_reaches_encoder_decoder_and_mask_token(prediction):
     model = flextok(prediction=prediction).train()

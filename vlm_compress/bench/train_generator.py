@@ -10,7 +10,9 @@
 * ``drafter``: a smaller ImageGPT distilled from the target: cross-entropy against the target's distributions on
   the same sequences (soft labels, the self-distillation speculative drafters are trained with; LANTERN's EAGLE
   drafters distil on the target's own generations).
-* ``classifier``: :class:`~.generation_quality.SceneClassifier` on real scenes (the quality proxy's judge).
+* ``classifier``: :class:`~.generation_quality.SceneClassifier` on real scenes, half of each batch replaced by their
+  ``--vq`` reconstructions (``--recon-share``), so that it judges what the codes carry (shape, colour) and not the
+  pixel noise that generated images never have.
 
 The code dataset is built at start: ``--scenes`` training scenes, rendered and encoded once with the VQ (epochs
 reuse them). AdamW, linear warm-up then cosine to a tenth (``train.schedule``). Weights and ``train_log.json``
@@ -66,13 +68,17 @@ def validate_generator(model: ImageGPT, codes, classes, teacher: ImageGPT | None
 
 
 @torch.no_grad()
-def validate_classifier(model: SceneClassifier, count: int = 1024) -> dict:
+def validate_classifier(model: SceneClassifier, vq=None, count: int = 1024) -> dict:
+    """Accuracy on held-out real scenes and, with a ``vq``, on their reconstructions."""
     model.eval()
     images, labels = generation_data.class_scenes("val", 0, count)
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    accuracy = float((model.predict(pixels) == torch.from_numpy(labels)).float().mean())
+    pixels, labels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels)
+    out = {"val_accuracy": round(float((model.predict(pixels) == labels).float().mean()), 4)}
+    if vq is not None:
+        recon = torch.cat([vq.decode(vq.encode(pixels[i:i + 256])) for i in range(0, count, 256)])
+        out["val_accuracy_reconstructed"] = round(float((model.predict(recon) == labels).float().mean()), 4)
     model.train()
-    return {"val_accuracy": round(accuracy, 4)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vq", default="tiny-vq", help="The VQ tokenizer whose codes are modelled.")
     parser.add_argument("--teacher", default=None, help="drafter: the target ImageGPT folder distilled from.")
     parser.add_argument("--scenes", type=int, default=60000, help="Training scenes encoded once at start.")
+    parser.add_argument("--recon-share", type=float, default=0.5,
+                        help="classifier: share of each batch shown as --vq reconstructions (0: real scenes only).")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -101,10 +109,11 @@ def main(argv: list[str] | None = None) -> None:
         generation_data.CLASS_NAMES), **generation_data.SCENES.describe()},
         "machine": machine_description(torch.device("cpu")), "history": []}
     teacher = None
+    vq = load_tokenizer(args.vq) if args.kind != "classifier" or args.recon_share > 0 else None
     if args.kind == "classifier":
         model = SceneClassifier(ClassifierConfig(**json.loads(args.config)))
+        log["vq"] = args.vq if vq is not None else None
     else:
-        vq = load_tokenizer(args.vq)
         start = time.time()
         codes, classes = encode_scenes(vq, "train", args.scenes)
         val_codes, val_classes = encode_scenes(vq, "val", 2048)
@@ -131,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.kind == "classifier":
             images, labels = generation_data.class_scenes("train", step * args.batch_size, args.batch_size)
             pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+            shown = round(args.recon_share * len(pixels)) if vq is not None else 0
+            if shown:
+                with torch.no_grad():
+                    pixels[:shown] = vq.decode(vq.encode(pixels[:shown]))
             loss = F.cross_entropy(model(pixels), torch.from_numpy(labels))
         else:
             rows = torch.randint(len(codes), (args.batch_size,), generator=generator)
@@ -148,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             running = 0.0
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             log["steps_done"] = step + 1
-            log["validation"] = (validate_classifier(model) if args.kind == "classifier" else
+            log["validation"] = (validate_classifier(model, vq) if args.kind == "classifier" else
                                  validate_generator(model, val_codes, val_classes, teacher))
             print(json.dumps({"step": step + 1, **log["validation"]}), flush=True)
             if args.kind == "classifier":

@@ -17,6 +17,7 @@ every ``--save-every`` steps, so an interrupted run keeps its progress.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", choices=sorted(KINDS), required=True)
     parser.add_argument("--out", required=True, help="Folder to write config.json, model.safetensors, train_log.json.")
-    parser.add_argument("--config", default="{}", help="JSON overrides of the model config, e.g. '{\"width\": 96}'.")
+    parser.add_argument("--config", default="{}", help=(
+        "JSON overrides of the model config, e.g. '{\"width\": 96}'; with --resume only options that leave the weights' "
+        "shapes alone (e.g. nested_dropout, time_mean)."))
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--minutes", type=float, default=0, help="Stop early after this many minutes (0: no cap).")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         from ..tokenizers_visual.checkpoints import load_tokenizer
 
         model = load_tokenizer(out)
+        if json.loads(args.config):  # a curriculum: training-time options may change between runs (log: "runs")
+            model.config = dataclasses.replace(model.config, **json.loads(args.config))
     elif args.kind == "seed":  # the target space: a small open_clip ViT with seeded random weights (module docstring)
         config = config_cls(**json.loads(args.config))
         target = tv.build_clip_target(tv.tiny_clip_config(config.embedding_dim, config.image_size), seed=args.seed)

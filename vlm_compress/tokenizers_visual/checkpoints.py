@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .base import CONFIG_NAME, WEIGHTS_NAME, ImageTokenizer
-from .flextok import FlexTokConfig, FlexTokTokenizer
+from .flextok import VAE_DIR, FlexTokConfig, FlexTokTokenizer, load_vae
 from .seed import TARGET_DIR, SeedConfig, SeedTokenizer, load_clip_target
 from .vqgan import VQGANTokenizer
 
@@ -44,7 +44,8 @@ class CheckpointError(ValueError):
 def load_tokenizer(name_or_path: str | Path, **kwargs) -> ImageTokenizer:
     """A tokenizer from a ``save_pretrained`` folder or an embedded name, in eval mode, float32.
 
-    SEED folders may hold their CLIP target in ``target/`` (open_clip ``local-dir`` format); it is loaded too.
+    SEED folders may hold their CLIP target in ``target/`` (open_clip ``local-dir`` format), FlexTok folders their
+    VAE in ``vae/`` (diffusers format); they are loaded too.
     ``kwargs`` go to the constructor (e.g. ``decoder=UnclipDecoder.from_pretrained(...)``, ``vae=...``)."""
     from safetensors.torch import load_file
 
@@ -64,6 +65,8 @@ def load_tokenizer(name_or_path: str | Path, **kwargs) -> ImageTokenizer:
     cls = KINDS[kind]
     if cls is SeedTokenizer and (path / TARGET_DIR).is_dir() and "target" not in kwargs:
         kwargs["target"] = load_clip_target(path / TARGET_DIR)
+    if cls is FlexTokTokenizer and (path / VAE_DIR).is_dir() and "vae" not in kwargs:
+        kwargs["vae"] = load_vae(str(path / VAE_DIR))
     model = cls(cls.config_from_dict(spec), **kwargs)
     try:
         state = load_file(str(path / WEIGHTS_NAME))

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,7 @@ from .layers import (
 from .quantizers import FSQ
 
 NESTED_MODES = ("pow2", "uniform", "uniform_pow2")
+VAE_DIR = "vae"  # a saved tokenizer's VAE subfolder
 TIME_FREQUENCIES = 256  # the sinusoid width of FlexTok's TimestepEmbedder
 MIN_T = 0.05  # x-prediction: the floor of t when turning x̂0 into a velocity (JiT clips likewise)
 
@@ -324,6 +326,17 @@ class FlexTokTokenizer(ImageTokenizer):
 
     def _skip_saving(self, key: str) -> bool:
         return key.startswith("vae.")
+
+    def save_pretrained(self, path, extra=None, dtype=None) -> None:
+        """The tokenizer's folder; a VAE goes to ``vae/`` in diffusers' format (``load_tokenizer`` reads it back)."""
+        super().save_pretrained(path, {"vae_path": None, **(extra or {})}, dtype)
+        if self.vae is not None:
+            vae = self.vae
+            if dtype is not None:
+                import copy
+
+                vae = copy.deepcopy(vae).to(dtype)
+            vae.save_pretrained(Path(path) / VAE_DIR, safe_serialization=True)
 
 
 def prefix_register_mask(patches: int, registers: int) -> torch.Tensor:
