@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
 .PHONY: setup browser example demo test test-oldest check-latest lock bench bench-quick bench-speed train-embedded \
-	train-matryoshka train-in-llm train-video train-tokenizers bench-tokenizers
+	train-matryoshka train-in-llm train-video train-tokenizers bench-tokenizers train-generators bench-speculative
 
 setup:
 	VENV=$(VENV) bash tools/setup_env.sh
@@ -45,18 +45,37 @@ check-latest:
 bench: setup
 	$(PY) -m vlm_compress.bench
 	$(PY) -m vlm_compress.bench.tokenizer_bench
+	$(PY) -m vlm_compress.bench.speculative_bench
 
 # The embedded image tokenizers from scratch on 64×64 scenes (see their train_log.json): tiny-seed (900 steps, one
-# thread, ~25 min on a shared 2-core machine) and tiny-flextok.
+# thread, ~25 min on a shared 2-core machine) and tiny-flextok (2000 steps with power-of-two nested dropout, then
+# 1500 with uniform prefix lengths; one thread, ~2 h on a shared 2-core machine).
+FLEXTOK := $(PY) -m vlm_compress.bench.train_tokenizer --kind flextok --out vlm_compress/assets/tiny-flextok --threads 1 \
+	--save-every 500 --log-every 50
 train-tokenizers: setup
 	$(PY) -m vlm_compress.bench.train_tokenizer --kind seed --out vlm_compress/assets/tiny-seed --steps 900 \
 		--save-every 300 --threads 1 --save-dtype float16
-	$(PY) -m vlm_compress.bench.train_tokenizer --kind flextok --out vlm_compress/assets/tiny-flextok --steps 1400 \
-		--lr 6e-4 --save-every 200 --save-dtype float16 \
+	$(FLEXTOK) --steps 6000 --stop-at 2000 --lr 2e-3 \
 		--config '{"width": 96, "patch_size": 8, "prediction": "x", "time_mean": 1.0}'
+	$(FLEXTOK) --resume --steps 1500 --lr 1e-3 --save-dtype float16 --config '{"nested_dropout": "uniform"}'
 
-# The image tokenizers alone: FlexTok PSNR per token count, SEED codebook use and embedding fidelity, speed, and
-# the reconstruction grid (eval/results/tokenizers.{md,json}, tokenizers_grid.png).
+# The class-conditional generator stack of vlm_compress.speculative (see each train_log.json): the grid VQ
+# tiny-vq, the target tiny-imagegpt, its distilled drafter and the scene classifier of the quality proxy
+# (one thread each; ~3 h on a shared 2-core machine).
+GEN := $(PY) -m vlm_compress.bench.train_generator --threads 1
+train-generators: setup
+	$(PY) -m vlm_compress.bench.train_tokenizer --kind vqgan --out vlm_compress/assets/tiny-vq --steps 2500 --lr 1e-3 \
+		--log-every 50 --save-every 250 --threads 1 --save-dtype float16
+	$(GEN) --kind target --out vlm_compress/assets/tiny-imagegpt --steps 2000
+	$(GEN) --kind drafter --out vlm_compress/assets/tiny-imagegpt-drafter --teacher vlm_compress/assets/tiny-imagegpt \
+		--steps 1500 --config '{"width": 128, "depth": 2, "heads": 4, "mlp_hidden": 384}'
+	$(GEN) --kind classifier --out vlm_compress/assets/tiny-scene-classifier --steps 800 --lr 2e-3 --save-every 400
+
+# Speculative decoding and LANTERN on the embedded generator (eval/results/speculative.{md,json}, the sample grid
+# and the δ plot).
+bench-speculative: setup
+	$(PY) -m vlm_compress.bench.speculative_bench
+
 bench-tokenizers: setup
 	$(PY) -m vlm_compress.bench.tokenizer_bench
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlm_compress.bench import generation_data
-from vlm_compress.bench.generation_quality import SceneClassifier
+from vlm_compress.bench.generation_quality import SceneClassifier, frechet_distance
 from vlm_compress.bench.speculative_bench import main as bench_main
 from vlm_compress.speculative import (
     EMBEDDED,
@@ -24,6 +24,31 @@ from vlm_compress.tokenizers_visual import VQGANTokenizer, load_tokenizer, psnr
 @pytest.fixture(scope="module")
 def stack():
     return load_generator("tiny-imagegpt"), load_generator("tiny-imagegpt-drafter"), load_tokenizer("tiny-vq")
+
+
+def test_frechet_distance_matches_its_closed_form():
+    a = torch.randn(500, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shift = torch.tensor([1.0, -2.0, 0, 0, 0.5, 0], dtype=torch.float64)
+    assert abs(frechet_distance(a, a + shift) - float((shift**2).sum())) < 1e-6  # same covariance: ‖Δμ‖²
+    cov = torch.cov(a.t())
+    # b = 2a: ‖μ‖² + tr(Σ + 4Σ − 2·2Σ) = ‖μ‖² + tr(Σ)
+    assert abs(frechet_distance(a, 2 * a) - float(a.mean(0).pow(2).sum() + cov.trace())) < 1e-6
+
+
+def test_class_scenes_are_deterministic_and_show_their_class_colour():
+    from vlm_compress.bench.task import COLORS
+
+    for index in range(20):
+        image, label = generation_data.class_scene("val", index)
+        again, same = generation_data.class_scene("val", index)
+        assert label == same and (image == again).all() and image.shape == (64, 64, 3)
+        colour = torch.tensor(COLORS[generation_data.CLASSES[label][1]], dtype=torch.float)
+        near = (torch.from_numpy(image).float() - colour).norm(dim=-1) < 40
+        assert int(near.sum()) >= 2 * 12  # at least two objects' worth of pixels (a 5-pixel triangle has 15)
+    rng_scene, forced = generation_data.class_scene("train", 3, label=5)
+    assert forced == 5
+    with pytest.raises(ValueError, match="class must lie"):
+        generation_data.class_scene("train", 0, label=18)
 
 
 def test_shipped_generators_fit_in_8_mb():

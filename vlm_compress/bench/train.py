@@ -340,6 +340,23 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params,
     optimizer.step()
 
 
+class LossHistory:
+    """The running mean of the loss, appended to ``history`` (a training log's list) and printed as one JSON line
+    every ``every`` steps, with the learning rate and the minutes since the start."""
+
+    def __init__(self, history: list, every: int):
+        self.history, self.every, self.start, self.total = history, every, time.time(), 0.0
+
+    def add(self, step: int, loss: float, lr: float) -> None:
+        self.total += loss
+        if (step + 1) % self.every == 0:
+            entry = {"step": step + 1, "loss": round(self.total / self.every, 5), "lr": lr,
+                     "minutes": round((time.time() - self.start) / 60, 2)}
+            self.history.append(entry)
+            print(json.dumps(entry), flush=True)
+            self.total = 0.0
+
+
 def add_training_arguments(parser, *, out: str, minutes: float, lr: float, warmup: int, eval_every: int,
                            base: str = "tiny-llava") -> None:
     """The options every fine-tuning script of an embedded model shares (defaults per script)."""

@@ -35,7 +35,7 @@ from ..tokenizers_visual import load_tokenizer
 from . import generation_data
 from .generation_quality import ClassifierConfig, SceneClassifier
 from .timing import machine_description
-from .train import schedule
+from .train import LossHistory, optimizer_step, schedule
 
 KINDS = ("target", "drafter", "classifier")
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     lr_at, _ = schedule(argparse.Namespace(steps=args.steps, minutes=0, warmup=args.warmup, lr=args.lr), 0, time.time())
     generator = torch.Generator().manual_seed(args.seed)
-    start, running = time.time(), 0.0
+    losses = LossHistory(log["history"], args.log_every)
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
@@ -148,17 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             rows = torch.randint(len(codes), (args.batch_size,), generator=generator)
             loss = model.training_loss(codes[rows], classes[rows], generator=generator, teacher=teacher)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        running += loss.item()
-        if (step + 1) % args.log_every == 0:
-            entry = {"step": step + 1, "loss": round(running / args.log_every, 5), "lr": lr_at(step),
-                     "minutes": round((time.time() - start) / 60, 2)}
-            log["history"].append(entry)
-            print(json.dumps(entry), flush=True)
-            running = 0.0
+        optimizer_step(loss, optimizer, model.parameters())
+        losses.add(step, loss.item(), lr_at(step))
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             log["steps_done"] = step + 1
             log["validation"] = (validate_classifier(model, vq) if args.kind == "classifier" else

@@ -29,7 +29,7 @@ from ..tokenizers_visual.base import psnr
 from .timing import machine_description
 from . import generation_data
 from .tokenizer_data import SCENES, scene_images
-from .train import schedule
+from .train import LossHistory, optimizer_step, schedule
 
 KINDS = ("flextok", "seed", "vqgan")
 
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         "shapes alone (e.g. nested_dropout, time_mean)."))
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--minutes", type=float, default=0, help="Stop early after this many minutes (0: no cap).")
+    parser.add_argument("--stop-at", type=int, default=0, help=(
+        "Stop after this step (counted from the run's start), keeping the learning-rate schedule of --steps (0: run "
+        "them all)."))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--weight-decay", type=float, default=0.01)
@@ -117,26 +120,18 @@ def main(argv: list[str] | None = None) -> None:
            "parameters": sum(p.numel() for p in trainable), "history": []}
     if previous:
         log = {**previous, "history": previous["history"], "runs": [*previous.get("runs", [previous["args"]]), vars(args)]}
-    start, running = time.time(), 0.0
+    start, losses = time.time(), LossHistory(log["history"], args.log_every)
     generator = torch.Generator().manual_seed(args.seed + step0)
     for step in range(step0, step0 + args.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         pixels = model.preprocess(training_images(args.kind, "train", step * args.batch_size, args.batch_size))
         loss = model.training_loss(pixels, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
+        optimizer_step(loss, optimizer, trainable)
         model.after_step(step)
-        running += loss.item()
-        if (step + 1) % args.log_every == 0:
-            entry = {"step": step + 1, "loss": round(running / args.log_every, 5), "lr": lr_at(step),
-                     "minutes": round((time.time() - start) / 60, 2)}
-            log["history"].append(entry)
-            print(json.dumps(entry), flush=True)
-            running = 0.0
-        last = step + 1 == step0 + args.steps or (args.minutes and time.time() - start > args.minutes * 60)
+        losses.add(step, loss.item(), lr_at(step))
+        last = (step + 1 == step0 + args.steps or (args.minutes and time.time() - start > args.minutes * 60)
+                or (args.stop_at and step + 1 == step0 + args.stop_at))
         if (step + 1) % args.save_every == 0 or last:
             log["steps_done"] = step + 1
             log["validation"] = validate(model)
