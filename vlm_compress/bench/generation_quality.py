@@ -5,8 +5,9 @@ ImageNet generators, at the size of this toolkit's embedded models.
   projector reads, ``vision_feature_layer = -2``, averaged over patches; 64×64 scenes resized to its 96×96 input).
 * :func:`frechet_distance` — the Fréchet distance between Gaussians fitted to two feature sets (FID's formula,
   Heusel et al. 2017, on these features instead of Inception's).
-* :class:`SceneClassifier` — a small CNN trained on real class scenes (``tiny-scene-classifier``): the share of
-  generated images it assigns to the class they were generated for.
+* :class:`SceneClassifier` — a small CNN trained on real class scenes and their ``tiny-vq`` reconstructions
+  (``tiny-scene-classifier``): the share of generated images it assigns to the class they were generated for
+  (:func:`accuracies`: the whole class, and its colour alone — the codes keep colour far better than shape).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .generation_data import NUM_CLASSES
+from .generation_data import CLASSES, NUM_CLASSES
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CLASSIFIER = ASSETS / "tiny-scene-classifier"
@@ -72,6 +73,15 @@ class SceneClassifier(nn.Module):
         model = cls(ClassifierConfig(**json.loads((path / "config.json").read_text())))
         model.load_state_dict({k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()})
         return model.eval()
+
+
+def accuracies(predicted: torch.Tensor, classes: torch.Tensor) -> dict[str, float]:
+    """``{"class_accuracy", "colour_accuracy"}``: shares of ``predicted`` ``[B]`` equal to ``classes`` ``[B]``, and of
+    those whose colour is the requested class's (a (shape, colour) pair, :data:`.generation_data.CLASSES`)."""
+    colours = list(dict.fromkeys(colour for _, colour in CLASSES))
+    colour = torch.tensor([colours.index(name) for _, name in CLASSES])  # [NUM_CLASSES] class → colour id
+    return {"class_accuracy": float((predicted == classes).float().mean()),
+            "colour_accuracy": float((colour[predicted] == colour[classes]).float().mean())}
 
 
 class TowerFeatures:
