@@ -10,8 +10,8 @@ buys in speed, and what it costs in image quality, on the same samples.
   decoding is timed the same way), all from one seeded generator: codes per second, wall-clock speed-up over plain
   decoding, τ (codes per target call) and the share of drafts accepted.
 * Quality on the same samples (:mod:`.generation_quality`): the Fréchet distance of their tiny-llava tower features
-  to those of ``tiny-vq`` reconstructions of real test scenes, and the share the scene classifier assigns to the
-  requested class, beside the same figures for reconstructions of other real scenes (the ceiling of a generator
+  to those of ``tiny-vq`` reconstructions of real test scenes, and the shares the scene classifier assigns to the
+  requested class and to its colour, beside the same figures for reconstructions of other real scenes (the ceiling of a generator
   over these codes) and for the real scenes.
 * A Monte-Carlo check of the real decoding loop on a small random generator whose whole output law is computable:
   total variation of ``--mc-samples`` speculative draws to the exact law at δ = 0, beside the sampling noise of
