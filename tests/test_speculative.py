@@ -11,6 +11,7 @@ import torch
 
 from vlm_compress.speculative import (
     AcceptanceRule,
+    GenerationStats,
     ImageGPT,
     ImageGPTConfig,
     LanternRule,
@@ -18,6 +19,7 @@ from vlm_compress.speculative import (
     Warp,
     generate,
     latent_neighbors,
+    load_generator,
     speculative_generate,
 )
 
@@ -374,3 +376,31 @@ def test_bad_arguments_raise_clear_errors():
         speculative_generate(target, tiny_gpt(9, codebook_size=8), [0])
     with pytest.raises(ValueError, match="num_codes"):
         generate(target, [0], num_codes=5)
+
+
+def test_generator_folder_round_trip_and_damaged_files(tmp_path):
+    model = tiny_gpt(10, 3.0, codebook_size=16, grid=4)
+    ids = torch.tensor([[16 + 1, 3, 7, 2]])
+    model.save_pretrained(tmp_path / "fp32")
+    again = load_generator(tmp_path / "fp32")
+    assert again.config == model.config and torch.equal(again(ids), model(ids))
+    model.save_pretrained(tmp_path / "fp16", dtype=torch.float16)  # the shipped form, loaded back as float32
+    half = load_generator(tmp_path / "fp16")
+    assert half.output.weight.dtype == torch.float32
+    assert not torch.equal(half(ids), model(ids)) and torch.allclose(half(ids), model(ids), rtol=1e-2, atol=1e-2)
+    (tmp_path / "fp32" / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="not a readable safetensors file.*save or copy the folder again"):
+        load_generator(tmp_path / "fp32")
+    with pytest.raises(FileNotFoundError, match="neither a folder nor an embedded generator"):
+        load_generator(tmp_path / "missing")
+
+
+def test_generation_stats_total_sums_the_parts():
+    target, drafter = tiny_gpt(11, codebook_size=16, grid=4), tiny_gpt(12, codebook_size=16, grid=4, depth=1)
+    g = torch.Generator().manual_seed(0)
+    parts = [speculative_generate(target, drafter, [c], gamma=3, generator=g)[1] for c in (0, 1)]
+    total = GenerationStats.total(parts)
+    assert total.codes == 32 and total.target_calls == sum(p.target_calls for p in parts)
+    assert total.accepted_per_round == parts[0].accepted_per_round + parts[1].accepted_per_round
+    assert total.mean_accepted_length == 32 / total.target_calls
+    assert total.acceptance_rate == sum(p.accepted for p in parts) / sum(p.drafted for p in parts)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import model_folder
 from .generation_data import CLASSES, NUM_CLASSES
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -58,20 +59,13 @@ class SceneClassifier(nn.Module):
         return torch.cat([self(images[i:i + batch]).argmax(-1) for i in range(0, len(images), batch)])
 
     def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1) + "\n")
-        save_file({k: v.half().contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+        model_folder.write(path, dataclasses.asdict(self.config), self.state_dict(), torch.float16)
 
     @classmethod
     def from_pretrained(cls, path: str | Path = CLASSIFIER) -> "SceneClassifier":
-        from safetensors.torch import load_file
-
         path = Path(path)
-        model = cls(ClassifierConfig(**json.loads((path / "config.json").read_text())))
-        model.load_state_dict({k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()})
+        model = cls(ClassifierConfig(**json.loads((path / model_folder.CONFIG_NAME).read_text())))
+        model.load_state_dict({k: v.float() for k, v in model_folder.read_weights(path).items()})
         return model.eval()
 
 

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from ..speculative import (
     AcceptanceRule,
+    GenerationStats,
     ImageGPT,
     ImageGPTConfig,
     LanternRule,
@@ -67,7 +68,7 @@ def run_setting(setting: dict, target, drafter, neighbors, classes: list[int], g
     greedy = setting["mode"] == "greedy"
     generator = torch.Generator().manual_seed(seed)
     rule = AcceptanceRule() if not setting["delta"] else LanternRule(neighbors, delta=setting["delta"])
-    rows, seconds, codes, target_calls, drafted, accepted = [], 0.0, 0, 0, 0, 0
+    rows, parts = [], []
     for c in classes:
         if setting["delta"] is None:
             out, stats = generate(target, [c], warp=warp, greedy=greedy, cfg_scale=cfg_scale, generator=generator)
@@ -75,13 +76,10 @@ def run_setting(setting: dict, target, drafter, neighbors, classes: list[int], g
             out, stats = speculative_generate(target, drafter, [c], gamma=gamma, rule=rule, warp=warp, greedy=greedy,
                                               cfg_scale=cfg_scale, generator=generator)
         rows.append(out)
-        seconds += stats.seconds
-        codes += stats.codes
-        target_calls += stats.target_calls
-        drafted += stats.drafted
-        accepted += stats.accepted
-    figures = {"images": len(classes), "seconds": seconds, "codes_per_second": codes / seconds,
-               "mean_accepted_length": codes / target_calls, "acceptance_rate": accepted / max(drafted, 1)}
+        parts.append(stats)
+    total = GenerationStats.total(parts)
+    figures = {"images": len(classes), "seconds": total.seconds, "codes_per_second": total.codes_per_second,
+               "mean_accepted_length": total.mean_accepted_length, "acceptance_rate": total.acceptance_rate}
     return torch.cat(rows), figures
 
 

@@ -1,9 +1,11 @@
 """Train the embedded class-conditional image generators and the classifier that judges them, on the class scenes.
 
-    python -m vlm_compress.bench.train_generator --kind target --out vlm_compress/assets/tiny-imagegpt --steps 3000
+    python -m vlm_compress.bench.train_generator --kind target --out vlm_compress/assets/tiny-imagegpt --steps 2000
     python -m vlm_compress.bench.train_generator --kind drafter --out vlm_compress/assets/tiny-imagegpt-drafter \\
-        --teacher vlm_compress/assets/tiny-imagegpt --steps 2000
-    python -m vlm_compress.bench.train_generator --kind classifier --out vlm_compress/assets/tiny-scene-classifier
+        --teacher vlm_compress/assets/tiny-imagegpt --steps 1500 \\
+        --config '{"width": 128, "depth": 2, "heads": 4, "mlp_hidden": 384}'
+    python -m vlm_compress.bench.train_generator --kind classifier --out vlm_compress/assets/tiny-scene-classifier \\
+        --steps 800 --lr 2e-3
 
 * ``target``: an :class:`~vlm_compress.speculative.ImageGPT` on the ``tiny-vq`` codes of the class scenes
   (:mod:`.generation_data`), next-code cross-entropy with the class dropped to the null class 10 % of the time.
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from ..speculative import ImageGPT, ImageGPTConfig
 from ..speculative.gpt import parameter_count
-from ..tokenizers_visual import load_tokenizer
+from ..tokenizers_visual import load_tokenizer, to_pixels
 from . import generation_data
 from .generation_quality import ClassifierConfig, SceneClassifier
 from .timing import machine_description
@@ -72,7 +74,7 @@ def validate_classifier(model: SceneClassifier, vq=None, count: int = 1024) -> d
     """Accuracy on held-out real scenes and, with a ``vq``, on their reconstructions."""
     model.eval()
     images, labels = generation_data.class_scenes("val", 0, count)
-    pixels, labels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels)
+    pixels, labels = to_pixels(images), torch.from_numpy(labels)
     out = {"val_accuracy": round(float((model.predict(pixels) == labels).float().mean()), 4)}
     if vq is not None:
         recon = torch.cat([vq.decode(vq.encode(pixels[i:i + 256])) for i in range(0, count, 256)])
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             group["lr"] = lr_at(step)
         if args.kind == "classifier":
             images, labels = generation_data.class_scenes("train", step * args.batch_size, args.batch_size)
-            pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+            pixels = to_pixels(images)
             shown = round(args.recon_share * len(pixels)) if vq is not None else 0
             if shown:
                 with torch.no_grad():

@@ -59,6 +59,15 @@ class GenerationStats:
     def codes_per_second(self) -> float:
         return self.codes / self.seconds if self.seconds > 0 else float("nan")
 
+    @classmethod
+    def total(cls, parts: "list[GenerationStats]") -> "GenerationStats":
+        """The stats of several generations together (counts and seconds summed, rounds concatenated)."""
+        out = cls()
+        for part in parts:
+            for field in dataclasses.fields(cls):
+                setattr(out, field.name, getattr(out, field.name) + getattr(part, field.name))
+        return out
+
     def summary(self) -> dict:
         return {"sequences": self.sequences, "codes": self.codes, "target_calls": self.target_calls,
                 "draft_calls": self.draft_calls, "mean_accepted_length": self.mean_accepted_length,

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from .. import model_folder
+from ..model_folder import CONFIG_NAME
+
 MODEL_KIND = "imagegpt"
 
 
@@ -205,21 +206,11 @@ class ImageGPT(nn.Module):
 
     # ---- weights ----------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(json.dumps({"model": MODEL_KIND, **dataclasses.asdict(self.config)}, indent=1)
-                                        + "\n")
-        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-                 for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME))
+        model_folder.write(path, {"model": MODEL_KIND, **dataclasses.asdict(self.config)}, self.state_dict(), dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ImageGPT":
         """A generator from a ``save_pretrained`` folder, in eval mode, float32."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} is not an ImageGPT folder (no {CONFIG_NAME}); pass a folder written by "
@@ -232,12 +223,7 @@ class ImageGPT(nn.Module):
         if unknown:
             raise ValueError(f"unknown ImageGPT config keys {unknown}; known: {sorted(fields)}")
         model = cls(ImageGPTConfig(**spec))
-        try:
-            state = load_file(str(path / WEIGHTS_NAME))
-        except Exception as err:  # safetensors raises its own error type for a damaged header
-            raise ValueError(f"{path / WEIGHTS_NAME} is not a readable safetensors file ({err}); copy the folder "
-                             f"again") from err
-        model.load_state_dict({k: v.float() for k, v in state.items()})
+        model.load_state_dict({k: v.float() for k, v in model_folder.read_weights(path).items()})
         return model.eval()
 
 

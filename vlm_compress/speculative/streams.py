@@ -36,7 +36,6 @@ class ModelStream:
     def __init__(self, model: ImageGPT, cfg_scale: float = 1.0):
         self.model, self.cfg_scale = model, float(cfg_scale)
         self.cache = None
-        self.calls = 0
 
     @property
     def guided(self) -> bool:
@@ -52,7 +51,6 @@ class ModelStream:
         if self.guided:
             ids = torch.cat([ids, self.model.class_ids(classes, null=True)])
         self.cache = self.model.new_cache(len(ids))
-        self.calls = 0
         return self._run(ids)[:, -1]
 
     @torch.no_grad()
@@ -66,7 +64,6 @@ class ModelStream:
         self.cache.crop(length + 1)
 
     def _run(self, ids: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
         logits = self.model(ids, self.cache)
         if not self.guided:
             return logits

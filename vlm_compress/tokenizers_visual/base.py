@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,10 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import model_folder
 from ..budget import tokens_to_keep, validate_budget
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class ImageTokenizer(nn.Module, abc.ABC):
@@ -122,15 +119,9 @@ class ImageTokenizer(nn.Module, abc.ABC):
     def save_pretrained(self, path: str | Path, extra: dict | None = None, dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` and ``model.safetensors`` to ``path``; floating tensors in ``dtype`` if given (the
         shipped models are stored in float16 and load back into float32 modules)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         config = {"tokenizer": self.kind, **dataclasses.asdict(self.config), **(extra or {})}
-        (path / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
-        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
-                 for k, v in self.state_dict().items() if not self._skip_saving(k)}
-        save_file(state, str(path / WEIGHTS_NAME))
+        state = {k: v for k, v in self.state_dict().items() if not self._skip_saving(k)}
+        model_folder.write(path, config, state, dtype)
 
     def _skip_saving(self, key: str) -> bool:
         """Parameters that live elsewhere (e.g. a frozen target model saved in its own format)."""

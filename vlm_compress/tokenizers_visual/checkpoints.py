@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .base import CONFIG_NAME, WEIGHTS_NAME, ImageTokenizer
+from .. import model_folder
+from ..model_folder import CONFIG_NAME, WEIGHTS_NAME
+from .base import ImageTokenizer
 from .flextok import VAE_DIR, FlexTokConfig, FlexTokTokenizer, load_vae
 from .seed import TARGET_DIR, SeedConfig, SeedTokenizer, load_clip_target
 from .vqgan import VQGANTokenizer
@@ -47,11 +49,7 @@ def load_tokenizer(name_or_path: str | Path, **kwargs) -> ImageTokenizer:
     SEED folders may hold their CLIP target in ``target/`` (open_clip ``local-dir`` format), FlexTok folders their
     VAE in ``vae/`` (diffusers format); they are loaded too.
     ``kwargs`` go to the constructor (e.g. ``decoder=UnclipDecoder.from_pretrained(...)``, ``vae=...``)."""
-    from safetensors.torch import load_file
-
-    path = Path(name_or_path)
-    if not path.exists() and str(name_or_path) in EMBEDDED:
-        path = ASSETS / str(name_or_path)
+    path = model_folder.resolve(name_or_path, EMBEDDED, ASSETS)
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(
             f"{path} is not a tokenizer folder (no {CONFIG_NAME}); pass a folder written by save_pretrained or one "
@@ -68,11 +66,7 @@ def load_tokenizer(name_or_path: str | Path, **kwargs) -> ImageTokenizer:
     if cls is FlexTokTokenizer and (path / VAE_DIR).is_dir() and "vae" not in kwargs:
         kwargs["vae"] = load_vae(str(path / VAE_DIR))
     model = cls(cls.config_from_dict(spec), **kwargs)
-    try:
-        state = load_file(str(path / WEIGHTS_NAME))
-    except Exception as err:  # safetensors raises its own error type for a damaged header
-        raise CheckpointError(f"{path / WEIGHTS_NAME} is not a readable safetensors file ({err}); save or copy the "
-                              f"folder again") from err
+    state = model_folder.read_weights(path, error=CheckpointError)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not model._skip_saving(k)]
     if missing or unexpected:

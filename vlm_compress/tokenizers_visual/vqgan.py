@@ -139,7 +139,11 @@ class VQGANTokenizer(ImageTokenizer):
 
     def quantize(self, pixels: torch.Tensor):
         """``[B, 3, S, S]`` in [0, 1] → the quantiser's output on the ``[B, s·s, code_dim]`` grid (raster order)."""
-        return self.quantizer(self.encoder(pixels * 2 - 1).flatten(2).transpose(1, 2))
+        return self.quantizer(self._latents(pixels))
+
+    def _latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` in [0, 1] → encoder outputs ``[B, s·s, code_dim]`` in raster order."""
+        return self.encoder(pixels * 2 - 1).flatten(2).transpose(1, 2)
 
     def _encode(self, pixels: torch.Tensor, num_tokens: int) -> torch.LongTensor:
         if num_tokens != self.max_tokens:
@@ -161,7 +165,7 @@ class VQGANTokenizer(ImageTokenizer):
 
     def training_loss(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixel MSE of the reconstruction plus the VQ loss, for ``pixels [B, 3, S, S]`` in [0, 1]."""
-        z = self.encoder(pixels * 2 - 1).flatten(2).transpose(1, 2)
+        z = self._latents(pixels)
         out = self.quantizer(z)  # in the warm-up too: its last inputs seed the codebook
         if int(self.steps_trained) < self.config.ae_warmup:  # autoencoder warm-up (module docstring)
             return F.mse_loss(self.decode_codes(F.normalize(z, dim=-1) if self.config.l2_codebook else z), pixels)
