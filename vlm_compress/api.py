@@ -199,6 +199,7 @@ def compressed(
 _FEATURE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
 _IMAGE_KWARGS = (*_FEATURE_KWARGS, "image_sizes", "batch_num_images", "vision_aspect_ratio")
 _VIDEO_INPUTS = ("pixel_values_videos", "image_sizes_videos")
+_TOKEN_INPUTS = ("mm_token_type_ids", "token_type_ids")  # [B, L] per-token inputs, shortened with input_ids
 
 
 def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs | None:
@@ -215,8 +216,11 @@ def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs |
             "a compressed model needs input_ids (not inputs_embeds) to find the image placeholders; "
             "pass the processor's input_ids"
         )
-    image_kwargs = {k: call[k] for k in _IMAGE_KWARGS if call.get(k) is not None}
-    video_kwargs = {k: call[k] for k in _FEATURE_KWARGS if call.get(k) is not None}
+    adapter = state.adapter
+    image_kwargs = {k: call[k] for k in (*_FEATURE_KWARGS, *adapter.image_input_names) if call.get(k) is not None}
+    video_kwargs = {k: call[k] for k in (*_FEATURE_KWARGS, *adapter.video_input_names) if call.get(k) is not None}
+    token_inputs = {k: call[k] for k in _TOKEN_INPUTS
+                    if isinstance(call.get(k), torch.Tensor) and call[k].shape == input_ids.shape}
     rewritten = state.encoder.run(
         input_ids,
         pixel_values,
@@ -226,17 +230,20 @@ def _rewrite(state: CompressionState, call: dict[str, Any]) -> RewrittenInputs |
         image_kwargs=image_kwargs,
         pixel_values_videos=pixel_values_videos,
         video_kwargs=video_kwargs,
+        token_inputs=token_inputs,
     )
     if rewritten is None:
         return None
-    for key in ("pixel_values", *_IMAGE_KWARGS, *_VIDEO_INPUTS):
+    for key in ("pixel_values", *_IMAGE_KWARGS, *_VIDEO_INPUTS, *adapter.image_input_names, *adapter.video_input_names):
         call.pop(key, None)
+    call.update(rewritten.token_inputs)
     call.update(input_ids=rewritten.input_ids, attention_mask=rewritten.attention_mask)
-    call.update(compat.encoded_media(rewritten.image_features, rewritten.video_features))
+    call.update(adapter.encoded_inputs(rewritten.image_features, rewritten.video_features))
     if rewritten.labels is not None:
         call["labels"] = rewritten.labels
     if rewritten.position_ids is not None:
         call["position_ids"] = rewritten.position_ids
+    adapter.prompt_rewritten(rewritten.position_ids, rewritten.attention_mask)
     state.stats, state.last = rewritten.stats, rewritten
     return rewritten
 
@@ -320,7 +327,7 @@ def _run_in_llm(state: CompressionState, original: Any, call: dict[str, Any], ca
     if cached and stage.slots is not None and call.get("position_ids") is None:
         # layer 0's cache length is not the sequence length once caches are pruned: give every layer the true one
         positions = stage.slots.length + torch.arange(new, device=tokens.device)
-        call["position_ids"] = positions.unsqueeze(0).expand(tokens.shape[0], -1)
+        call["position_ids"] = state.adapter.step_positions(positions.unsqueeze(0).expand(tokens.shape[0], -1))
     encoded = call.get(compat.MM_ENCODER_OUTPUTS) is not None
     protected = _protected_mask(state, input_ids) if encoded else None
     stage.begin(input_ids, call.get("attention_mask"), cached, protected)

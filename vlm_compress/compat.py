@@ -32,6 +32,13 @@ Entries (dated by the transformers release that changed them):
   :func:`rotary_tables`, :func:`with_rotary_tables`, :func:`apply_rotary_pos_emb`.
 * **AnyRes helpers** (5.x): ``get_anyres_image_grid_shape`` and ``image_size_to_num_patches`` live in
   ``models.llava_next.modeling_llava_next``. :func:`anyres_helpers`.
+* **Qwen2-VL / Qwen2.5-VL M-RoPE** (5.18–5.24): ``model.model.get_rope_index(input_ids, mm_token_type_ids,
+  image_grid_thw=, video_grid_thw=, [second_per_grid_ts=,] attention_mask=)`` gives ``(positions [3, B, L], deltas
+  [B, 1])``; the text rotary embedding mixes the three rows by ``mrope_section`` *before* the decoder layers, which
+  receive ordinary ``(cos, sin)`` ``[B, S, hd]`` and row 0 of 4-row ``position_ids`` as text positions.
+  ``model.model.rope_deltas`` positions later cached steps that come without position ids. Qwen2.5-VL's ViT
+  permutes 2×2 merge groups into windows (``vision_utils.get_vision_window_index``) and un-permutes after the merger.
+  :func:`rope_index`, :func:`set_rope_deltas`, :func:`rope_deltas`, :func:`merge_group_positions`.
 * **PIL image processors** (5.x): the torchvision-free processors are ``CLIPImageProcessorPil`` and
   ``LlavaNextImageProcessorPil`` in ``image_processing_pil_*`` modules. :func:`pil_image_processor`.
 """
@@ -126,14 +133,17 @@ def encoded_images(features: Sequence[torch.Tensor]) -> dict[str, Any]:
     return {MM_ENCODER_OUTPUTS: {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
 
 
-def encoded_media(images: Sequence[torch.Tensor], videos: Sequence[torch.Tensor]) -> dict[str, Any]:
+def encoded_media(images: Sequence[torch.Tensor], videos: Sequence[torch.Tensor],
+                  videos_as_list: bool = False) -> dict[str, Any]:
     """Like :func:`encoded_images` for images (per image ``[k_i, D]``) and videos (per video ``[k_v, D]``), either
-    possibly empty. OneVision (5.18–5.24) flattens the video output's first two dims, so all videos go in one row."""
+    possibly empty. OneVision (5.18–5.24) flattens the video output's first two dims, so all videos go in one row;
+    Qwen2-VL concatenates a list of per-video tensors (``videos_as_list``)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     out = encoded_images(images)[MM_ENCODER_OUTPUTS] if len(images) else {}
     if len(videos):
-        out["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(list(videos))[None])
+        pooled = list(videos) if videos_as_list else torch.cat(list(videos))[None]
+        out["video"] = BaseModelOutputWithPooling(pooler_output=pooled)
     return {MM_ENCODER_OUTPUTS: out}
 
 
@@ -217,6 +227,46 @@ def with_rotary_tables(layer_kwargs: dict[str, Any], cos: torch.Tensor, sin: tor
     return {**layer_kwargs, "position_embeddings": (cos, sin)}
 
 
+# -- Qwen2-VL / Qwen2.5-VL M-RoPE -----------------------------------------------------------------------------
+def rope_index(base_model: Any, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None, **grids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stock M-RoPE positions of an *uncompressed* prompt: ``(positions [3, B, L], deltas [B, 1])``.
+
+    ``grids``: ``image_grid_thw``, ``video_grid_thw`` and (Qwen2.5-VL) ``second_per_grid_ts``; ones the installed
+    model's ``get_rope_index`` does not take are left out."""
+    import inspect
+
+    accepted = inspect.signature(base_model.get_rope_index).parameters
+    kwargs = {k: v for k, v in grids.items() if k in accepted and v is not None}
+    return base_model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
+                                     attention_mask=attention_mask, **kwargs)
+
+
+def set_rope_deltas(base_model: Any, deltas: torch.Tensor) -> None:
+    """What the model adds to ``cumsum(attention_mask) - 1`` for cached steps called without position ids (the
+    stock forward sets it at every multimodal prompt, so a later uncompressed prompt overwrites it as usual)."""
+    base_model.rope_deltas = deltas
+
+
+def rope_deltas(base_model: Any) -> torch.Tensor | None:
+    return getattr(base_model, "rope_deltas", None)
+
+
+def merge_group_positions(visual: Any, grid_thw: torch.Tensor) -> torch.Tensor:
+    """``[S / m²]``: for each merged visual token, in the order the model emits them, the position of its ``m×m``
+    patch group in the sequence the ViT blocks see. Qwen2-VL: the identity; Qwen2.5-VL: groups are permuted into
+    attention windows, so this is ``argsort(window_index)`` (the un-permutation applied after the merger)."""
+    merge = visual.spatial_merge_size
+    groups = int((grid_thw.prod(-1) // (merge * merge)).sum())
+    if not hasattr(visual, "fullatt_block_indexes"):
+        return torch.arange(groups, device=grid_thw.device)
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=merge, window_size=visual.window_size,
+                                              patch_size=visual.patch_size)
+    return torch.argsort(window_index.to(grid_thw.device))
+
+
 # -- model-family helpers ------------------------------------------------------------------------------------
 def anyres_helpers(family: str = "llava_next"):
     """``(get_anyres_image_grid_shape, image_size_to_num_patches)`` of ``family`` (``"llava_next"`` or
@@ -243,4 +293,8 @@ def pil_image_processor(family: str):
         )
 
         return LlavaOnevisionImageProcessorPil
+    if family == "qwen2_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil
     raise ValueError(f"no PIL image processor known for {family!r}")

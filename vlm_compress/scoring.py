@@ -118,3 +118,111 @@ class AttentionCapture:
         heads = self.modules[layer].num_heads
         mean = sum(self._head_maps(layer, kind, skip)) / heads
         return mean.mean(dim=1), mean.mean(dim=2)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PackedAttentionCapture(AttentionCapture):
+    """:class:`AttentionCapture` for a tower that runs every image of a call as one packed sequence: Qwen2-VL's and
+    Qwen2.5-VL's ViT (``[S, D]`` hidden states, one fused ``qkv`` projection, 2-D rotary applied inside attention,
+    attention within each image/frame or, in most Qwen2.5-VL layers, within windows). No CLS token.
+
+    Captured tensors are ``[1, S, ...]`` in the order the blocks see tokens; ``segments`` (set by a hook on the
+    tower from its ``grid_thw``) are the ``[start, end)`` ranges of one image or one video frame (``t`` slices of
+    ``h·w`` patches each; Qwen2.5-VL's window permutation stays inside a frame). The scores are computed over a
+    whole segment even where a layer attended within windows, so they rank tokens across the image (window-local
+    softmaxes would give every window the same total mass). Queries get the rotary tables the attention received.
+    The attention each token receives is accumulated over blocks of ``block`` query rows, one head at a time, so
+    no ``[S, S]`` map is held (at most ``[block, h·w]``).
+    """
+
+    def __init__(self, attention_modules: dict[int, nn.Module], tower: nn.Module, all_query_rows: bool = False,
+                 layer_modules: dict[int, nn.Module] | None = None, block: int = 1024):
+        super().__init__(attention_modules, True, layer_modules, has_cls=False)
+        self.tower = tower
+        self.block = block
+        self.segments: list[tuple[int, int]] = []
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __enter__(self) -> "PackedAttentionCapture":
+        self._handles.append(self.tower.register_forward_pre_hook(self._grid, with_kwargs=True))
+        for layer, attn in self.modules.items():
+            self._handles.append(attn.register_forward_pre_hook(self._rotary(layer), with_kwargs=True))
+            self._handles.append(attn.qkv.register_forward_hook(self._qkv(layer)))
+        for layer, module in self.layer_modules.items():
+            def keep(module: nn.Module, args: tuple, output, layer: int = layer) -> None:
+                out = output[0] if isinstance(output, tuple) else output
+                self.hidden_states[layer] = out.detach()[None]
+
+            self._handles.append(module.register_forward_hook(keep))
+        return self
+
+    def _grid(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        lengths = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0]).tolist()
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        self.segments = [(end - n, end) for n, end in zip(lengths, ends)]
+
+    def _rotary(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._tables[layer] = kwargs["position_embeddings"]
+
+        return hook
+
+    def _qkv(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            attn = self.modules[layer]
+            s = output.shape[0]
+            q, k, _ = output.detach().view(s, 3, attn.num_heads, -1).float().unbind(1)  # [S, H, hd] each
+            cos, sin = (t.detach().float()[:, None] for t in self._tables[layer])
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            self.queries[layer], self.keys[layer] = q.flatten(1)[None], k.flatten(1)[None]
+
+        return hook
+
+    def _scale(self, layer: int) -> float:
+        return self.modules[layer].scaling
+
+    def first_row_attention(self, layer: int, head_reduce: HeadReduce = "mean", kind: ScoreKind = "probs") -> torch.Tensor:
+        """``[1, S]``: the CLS substitute (no CLS here), the attention each token receives within its segment."""
+        return self.received_attention(layer, head_reduce, kind)
+
+    def _per_head(self, layer: int, kind: ScoreKind):
+        """Per head ``(received [S], given [S])``: mean over a segment's queries / over its keys."""
+        self._require(layer)
+        q = self._split_heads(layer, self.queries[layer])[0]  # [S, H, hd]
+        k = self._split_heads(layer, self.keys[layer])[0]
+        scale = self._scale(layer)
+        for h in range(q.shape[1]):
+            received, given = torch.zeros(q.shape[0]), torch.zeros(q.shape[0])
+            for start, end in self.segments:
+                keys = k[start:end, h]
+                for row in range(start, end, self.block):
+                    stop = min(row + self.block, end)
+                    a = (q[row:stop, h] @ keys.T) * scale
+                    a = a.softmax(-1) if kind == "probs" else a
+                    received[start:end] += a.sum(0) / (end - start)
+                    given[row:stop] = a.mean(1)
+            yield received, given
+
+    def received_attention(self, layer: int, head_reduce: HeadReduce = "mean", kind: ScoreKind = "probs") -> torch.Tensor:
+        heads = torch.stack([r for r, _ in self._per_head(layer, kind)])  # [H, S]
+        if head_reduce == "mean":
+            return heads.mean(0)[None]
+        if head_reduce == "sum":
+            return heads.sum(0)[None]
+        return heads.max(0).values[None]
+
+    def attention_means(self, layer: int, kind: ScoreKind = "logits", skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head-mean ``(received [1, S], given [1, S])`` within each segment (``skip`` must be 0: no CLS)."""
+        if skip:
+            raise ValueError("a packed tower has no CLS token to skip")
+        received = given = None
+        for r, g in self._per_head(layer, kind):
+            received = r if received is None else received + r
+            given = g if given is None else given + g
+        heads = self.modules[layer].num_heads
+        return (received / heads)[None], (given / heads)[None]

@@ -243,3 +243,86 @@ def random_images(count: int, size: tuple[int, int] = (60, 80), seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@dataclasses.dataclass
+class QwenDims:
+    """Sizes of a random Qwen2-VL / Qwen2.5-VL. Defaults are test-sized: 4-pixel patches, 2×2 merge (8 pixels per
+    visual token), a small rope base so positions change outputs visibly."""
+
+    patch_size: int = 4
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    vision_heads: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 128
+    mrope_section: tuple[int, int, int] = (2, 3, 3)  # sums to head_dim / 2
+    rope_theta: float = 100.0
+    window_size: int = 16  # Qwen2.5-VL: pixels per attention window side (2×2 merged tokens here)
+    fullatt_block_indexes: tuple[int, ...] = (2,)
+
+
+QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _qwen_config(tokenizer, dims: QwenDims, kind: str):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=dims.text_hidden, intermediate_size=dims.text_intermediate,
+        num_hidden_layers=dims.text_layers, num_attention_heads=dims.text_heads,
+        num_key_value_heads=dims.text_kv_heads, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": dims.rope_theta,
+                         "mrope_section": list(dims.mrope_section)},
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    ids = dict(image_token_id=tokenizer.image_token_id, video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+               vision_start_token_id=tokenizer.bos_token_id, vision_end_token_id=tokenizer.eos_token_id)
+    if kind == "qwen2_vl":
+        vision = dict(depth=dims.vision_layers, embed_dim=dims.vision_hidden, hidden_size=dims.text_hidden,
+                      mlp_ratio=2, num_heads=dims.vision_heads, patch_size=dims.patch_size,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    if kind == "qwen2_5_vl":
+        vision = dict(depth=dims.vision_layers, hidden_size=dims.vision_hidden, out_hidden_size=dims.text_hidden,
+                      intermediate_size=2 * dims.vision_hidden, num_heads=dims.vision_heads, patch_size=dims.patch_size,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=dims.window_size,
+                      fullatt_block_indexes=list(dims.fullatt_block_indexes), tokens_per_second=2)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    raise ValueError(f"kind must be one of {QWEN_KINDS}, got {kind!r}")
+
+
+def build_qwen(tokenizer=None, dims: QwenDims | None = None, kind: str = "qwen2_vl", seed: int = 0,
+               dtype: torch.dtype = torch.float32):
+    """A random-weight ``Qwen2VLForConditionalGeneration`` (``kind="qwen2_vl"``) or
+    ``Qwen2_5_VLForConditionalGeneration`` (``"qwen2_5_vl"``: windowed ViT attention) for ``tokenizer``, whose
+    ``<image>``/``<video>`` tokens serve as ``<|image_pad|>``/``<|video_pad|>``."""
+    import transformers
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    config = _qwen_config(tokenizer, dims or QwenDims(), kind)
+    cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+           "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[kind]
+    torch.manual_seed(seed)
+    return _finish(cls(config), tokenizer, dtype)
+
+
+def build_qwen_processor(tokenizer=None, dims: QwenDims | None = None, max_pixels: int = 48 * 48,
+                         min_pixels: int = 16 * 16):
+    """A stock ``Qwen2VLProcessor`` (PIL image backend, the stock video processor) matching :func:`build_qwen`:
+    images keep their aspect ratio at up to ``max_pixels`` pixels (multiples of 8: patch 4, merge 2)."""
+    from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from .compat import pil_image_processor
+
+    dims = dims or QwenDims()
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    kwargs = dict(size=size, patch_size=dims.patch_size, merge_size=2, temporal_patch_size=2)
+    return Qwen2VLProcessor(
+        image_processor=pil_image_processor("qwen2_vl")(**kwargs),
+        video_processor=Qwen2VLVideoProcessor(**kwargs),
+        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
+    )

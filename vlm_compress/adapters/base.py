@@ -9,6 +9,8 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 from torch import nn
 
+from ..scoring import AttentionCapture
+
 OUTSIDE = -1  # partition/cell/crop value of tokens outside any grid (CLS prefix, newline)
 
 
@@ -94,6 +96,9 @@ class ImageBatch:
     pooled_from: the tower's ``(h, w)`` patch grid when the model bilinearly pooled it down to ``grid`` (OneVision's
         video frames, ``apply_pooling``); per-token tower quantities (scores, keys, hidden states) are then pooled
         the same way rather than read at ``source``. ``None``: tokens map one-to-one to tower tokens.
+    source_span: tower tokens behind each visual token: ``source_span`` consecutive ones from ``source`` (Qwen2-VL's
+        2×2 patch merger: 4); per-token tower quantities are their mean. The tokens then sit on their own merged
+        grid (``layout.cell``), one tower image per row (``tower_length`` is the whole packed tower sequence).
     """
 
     features: torch.Tensor
@@ -103,6 +108,7 @@ class ImageBatch:
     tower_length: int
     project: Callable[[torch.Tensor], torch.Tensor]
     pooled_from: tuple[int, int] | None = None
+    source_span: int = 1
 
     @property
     def num_images(self) -> int:
@@ -190,6 +196,10 @@ class Adapter:
     model_class_names: tuple[str, ...] = ()
     anyres: bool = False  # images come as thumbnail + crops + newlines (LLaVA-NeXT)
     video: bool = False  # takes videos (``pixel_values_videos``; OneVision)
+    native_resolution: bool = False  # each image is one grid at its own resolution, no thumbnail (Qwen2-VL)
+    # processor outputs that describe the images / videos (passed to encode_*, dropped after compression)
+    image_input_names: tuple[str, ...] = ("image_sizes", "batch_num_images", "vision_aspect_ratio")
+    video_input_names: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -259,6 +269,31 @@ class Adapter:
     def vision_attention(self, layer: int) -> nn.Module:
         """The self-attention module of vision-tower layer ``layer`` (negative indices count from the end)."""
         return attention_of(self.vision_layer(layer))
+
+    def capture(self, attention: dict[int, nn.Module], all_query_rows: bool,
+                layers: dict[int, nn.Module]) -> AttentionCapture:
+        """The score hooks for one tower forward (:class:`~vlm_compress.scoring.AttentionCapture`)."""
+        return AttentionCapture(attention, all_query_rows, layers, has_cls=self.tower_has_cls)
+
+    def prompt_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         media: dict[str, Any]) -> torch.Tensor | None:
+        """``[R, B, L]`` position ids of the *uncompressed* prompt that compressed prompts must keep per token
+        (``R = 3``: Qwen2-VL's M-RoPE rows), or ``None`` where positions are simply contiguous (LLaVA)."""
+        return None
+
+    def encoded_inputs(self, images: Sequence[torch.Tensor], videos: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """Forward keywords that fill the placeholders with these features (per image / per video ``[k, D]``)."""
+        from .. import compat
+
+        return compat.encoded_media(images, videos)
+
+    def prompt_rewritten(self, position_ids: torch.Tensor | None, attention_mask: torch.Tensor) -> None:
+        """Called after a prompt was shortened, with its new ``position_ids`` (model state that later cached steps
+        read, such as Qwen2-VL's ``rope_deltas``, is set here)."""
+
+    def step_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Position ids for a cached step at sequence indices ``positions`` [B, n] when the caller gave none."""
+        return positions
 
     def encode_images(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> list[ImageBatch]:
         """The images of one call as batches of equal layout; images in placeholder order when concatenated."""

@@ -80,7 +80,13 @@ class EncoderContext:
         if self.images.pooled_from is not None:
             return self._pooled(values)
         source = self.images.source
-        out = values.flatten(0, 1)[source.clamp_min(0)]
+        flat = values.flatten(0, 1)
+        span = self.images.source_span
+        if span > 1:  # merged patches (Qwen2-VL): the mean over the token's group
+            group = source.clamp_min(0)[..., None] + torch.arange(span, device=source.device)
+            out = flat[group].float().mean(dim=source.dim()).to(flat.dtype)
+        else:
+            out = flat[source.clamp_min(0)]
         missing = (source < 0).view(*source.shape, *([1] * (out.dim() - source.dim())))
         return out.masked_fill(missing, fill)
 
@@ -99,6 +105,10 @@ class EncoderContext:
         """``(tower image [I, N], (row, col) [I, N, 2])``: where each visual token sits in the tower image it came
         from (a crop, the thumbnail, or the only image), its patch grid being ``images.grid``; -1 for
         newlines and CLS."""
+        if self.images.source_span > 1:  # merged tokens: each row is its own tower image, on the merged grid
+            cell = self.layout.cell.to(self.images.source.device).expand(self.images.num_images, -1, -1)
+            rows = torch.arange(self.images.num_images, device=cell.device)[:, None].expand(-1, cell.shape[1])
+            return torch.where(cell[..., 0] >= 0, rows, -1), cell
         per_image = self.images.tower_length
         source = self.images.source
         patch = source % per_image - (per_image - self.images.grid[0] * self.images.grid[1])
@@ -228,11 +238,12 @@ class EncoderPruner(MethodConfig):
 
     stage: ClassVar[str] = "encoder"
     adaptive_count: ClassVar[bool] = False  # may return fewer tokens than the budget (data-dependent merging)
-    requires_anyres: ClassVar[bool] = False  # needs thumbnail + crops (LLaVA-NeXT); compress() refuses other models
+    # needs thumbnail + crops (LLaVA-NeXT) or native-resolution grids (Qwen2-VL); compress() refuses other models
+    requires_anyres: ClassVar[bool] = False
 
     def check(self, adapter) -> None:
         """Raise a ``ValueError`` if this method cannot run on ``adapter``'s model (called by ``compress``)."""
-        if self.requires_anyres and not adapter.anyres:
+        if self.requires_anyres and not (adapter.anyres or adapter.native_resolution):
             raise ValueError(
                 f"{self.name!r} needs AnyRes images (thumbnail + crops), which {type(adapter.model).__name__} does not "
                 f"have; use it on LlavaNextForConditionalGeneration, or pick a single-grid method such as 'cls_attn'"

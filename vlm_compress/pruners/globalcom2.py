@@ -22,8 +22,10 @@ keeps them inside the budget instead (the content budget is what is left). Kept 
 order; the official code puts the thumbnail's in descending-score order. The thumbnail→crop regions account for
 unpadding (the official code splits the thumbnail grid into equal blocks, the same for unpadded images).
 
-A grid without crops to command (a video frame, an image of a multi-image OneVision prompt) keeps its ``k`` best
-tokens by the same scores: the thumbnail's rule.
+A grid without crops to command (a video frame, an image of a multi-image OneVision prompt, every image of
+Qwen2-VL/Qwen2.5-VL, which see one native-resolution grid and no thumbnail) keeps its ``k`` best tokens by the same
+scores: the thumbnail's rule. On Qwen towers (no CLS) the scores are the substitute of :mod:`vlm_compress.scoring`,
+the attention each token receives, here as head-mean logits (``kind``).
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ class RewrittenInputs:
     selection: EncoderSelection  # images first, then videos (each in placeholder order)
     stats: CompressionStats
     video_features: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [k_v, D] per video
+    token_inputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # shortened [B, L'] inputs
+    uncompressed_positions: torch.Tensor | None = None  # [R, B, L] per-token positions before (M-RoPE)
 
 
 def _ranks(samples: list[int]) -> list[int]:
@@ -104,7 +106,6 @@ class EncoderStage:
         self.pruner = pruner
         self._attention = {layer: adapter.vision_attention(layer) for layer in pruner.attention_layers()}
         self._layers = {layer: adapter.vision_layer(layer) for layer in pruner.hidden_state_layers()}
-        self._has_cls = adapter.tower_has_cls  # walks the tower's parameters: once, not per call
         self.suspended = False  # scoring passes (ModelRunner) run the model uncompressed
 
     @contextlib.contextmanager
@@ -116,8 +117,7 @@ class EncoderStage:
             self.suspended = previous
 
     def _capture(self) -> AttentionCapture:
-        return AttentionCapture(self._attention, self.pruner.needs_all_query_rows(), self._layers,
-                                has_cls=self._has_cls)
+        return self.adapter.capture(self._attention, self.pruner.needs_all_query_rows(), self._layers)
 
     def run(
         self,
@@ -129,8 +129,15 @@ class EncoderStage:
         image_kwargs: dict[str, Any] | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_kwargs: dict[str, Any] | None = None,
+        token_inputs: dict[str, torch.Tensor] | None = None,
     ) -> RewrittenInputs | None:
-        """Compress one call's inputs; ``None`` when there is nothing to compress (no placeholders)."""
+        """Compress one call's inputs; ``None`` when there is nothing to compress (no placeholders).
+
+        ``token_inputs``: other ``[B, L]`` per-token inputs (``mm_token_type_ids``), shortened like ``input_ids``.
+        Where the adapter gives per-token positions (M-RoPE), every kept token keeps the position it has in the
+        uncompressed prompt (a kept visual token: the one of the token it was selected as) and ``position_ids``
+        of the shortened prompt are returned, ``[R + 1, B, L']`` with contiguous text positions in row 0 (the
+        layout the stock ``generate`` builds and extends by one per step)."""
         adapter = self.adapter
         if not bool(adapter.visual_mask(input_ids).any()):
             return None
@@ -186,8 +193,10 @@ class EncoderStage:
         keep = [c.features.shape[0] for c in image_chosen + video_chosen]
 
         keep_flat = ~adapter.visual_mask(input_ids).flatten()
-        for positions, k in zip(image_positions + video_positions, keep):
+        origin = torch.arange(input_ids.numel(), device=device)  # the uncompressed token whose position each keeps
+        for positions, k, c in zip(image_positions + video_positions, keep, image_chosen + video_chosen):
             keep_flat[positions[:k]] = True
+            origin[positions[:k]] = positions[c.kept_index.to(positions.device)]
         keep_mask = keep_flat.view_as(input_ids)
         valid = attention_mask.bool()
         survive = keep_mask & valid
@@ -196,8 +205,15 @@ class EncoderStage:
         new_ids, new_mask = repack_rows(input_ids, survive, pad_id if pad_id is not None else 0, left)
         new_labels = repack_rows(labels, survive, -100, left)[0] if labels is not None else None
         new_positions = None
-        if position_ids is not None:
+        full = adapter.prompt_positions(input_ids, attention_mask, {**(image_kwargs or {}), **(video_kwargs or {})})
+        if full is not None:  # [R, B, L]: each kept token at its uncompressed position
+            kept_at = full.flatten(1)[:, origin].view_as(full)
+            rows = [repack_rows(row, survive, 0, left)[0] for row in kept_at]
+            text = (new_mask.cumsum(dim=1) - 1).masked_fill(new_mask == 0, 0)
+            new_positions = torch.stack([text, *rows])
+        elif position_ids is not None:
             new_positions = (new_mask.cumsum(dim=1) - 1).masked_fill(new_mask == 0, 0)
+        new_tokens = {name: repack_rows(value, survive, 0, left)[0] for name, value in (token_inputs or {}).items()}
 
         newlines = self._newlines(images, image_chosen)
         suffix = sum(v.suffix.shape[0] for v in videos)
@@ -219,6 +235,8 @@ class EncoderStage:
             selection=selection,
             stats=stats,
             video_features=features_v,
+            token_inputs=new_tokens,
+            uncompressed_positions=full,
         )
 
     @staticmethod
