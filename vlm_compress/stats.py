@@ -118,6 +118,10 @@ def vision_flops(vision_config: Any, tokens: int, images: int = 1) -> float:
     ``2·[4·T·d² + 2·T²·d + 2·T·d·m]`` per layer plus the patch embedding ``2·T·3·p²·d``. Compression never
     shortens the tower here (encoder-stage methods act on its output), so this is the fixed part of a prefill.
     """
-    d, m, p = vision_config.hidden_size, vision_config.intermediate_size, vision_config.patch_size
+    config = vision_config
+    d = getattr(config, "embed_dim", None) or config.hidden_size  # Qwen2-VL: embed_dim (hidden_size is its output)
+    m = getattr(config, "intermediate_size", None) or int(d * config.mlp_ratio)
+    layers = getattr(config, "num_hidden_layers", None) or config.depth
+    p, frames = config.patch_size, getattr(config, "temporal_patch_size", 1)  # Qwen: 2 frames per patch
     per_layer = 2.0 * (4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * m)
-    return images * (vision_config.num_hidden_layers * per_layer + 2.0 * tokens * 3 * p * p * d)
+    return images * (layers * per_layer + 2.0 * tokens * 3 * frames * p * p * d)

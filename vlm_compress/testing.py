@@ -311,7 +311,7 @@ def build_qwen(tokenizer=None, dims: QwenDims | None = None, kind: str = "qwen2_
 
 
 def build_qwen_processor(tokenizer=None, dims: QwenDims | None = None, max_pixels: int = 48 * 48,
-                         min_pixels: int = 16 * 16):
+                         min_pixels: int = 16 * 16, patch_size: int | None = None):
     """A stock ``Qwen2VLProcessor`` (PIL image backend, the stock video processor) matching :func:`build_qwen`:
     images keep their aspect ratio at up to ``max_pixels`` pixels (multiples of 8: patch 4, merge 2)."""
     from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
@@ -320,7 +320,7 @@ def build_qwen_processor(tokenizer=None, dims: QwenDims | None = None, max_pixel
 
     dims = dims or QwenDims()
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    kwargs = dict(size=size, patch_size=dims.patch_size, merge_size=2, temporal_patch_size=2)
+    kwargs = dict(size=size, patch_size=patch_size or dims.patch_size, merge_size=2, temporal_patch_size=2)
     return Qwen2VLProcessor(
         image_processor=pil_image_processor("qwen2_vl")(**kwargs),
         video_processor=Qwen2VLVideoProcessor(**kwargs),

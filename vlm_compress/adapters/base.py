@@ -145,11 +145,21 @@ class VideoBatch:
     suffix: ``[s, D]`` tokens after the last frame (OneVision: one ``image_newline``), kept as they are.
     pixel_values: ``[F, C, H, W]`` the frames as the processor gave them (what frame scorers such as QuoTA read).
     The video's placeholders hold ``F·n + s`` tokens: frame 0's, frame 1's, ..., then the suffix.
+    frame_inputs: ``(start, stop, input_ids [b, L]) → forward keywords`` showing frames ``start:stop`` to the model as
+        ``b = stop − start`` one-frame videos (scoring passes such as QuoTA's); ``None``: ``pixel_values_videos`` of
+        ``pixel_values[start:stop, None]`` (OneVision's layout).
     """
 
     frames: ImageBatch
     suffix: torch.Tensor
     pixel_values: torch.Tensor
+    frame_inputs: Callable[[int, int, torch.Tensor], dict[str, Any]] | None = None
+
+    def one_frame_videos(self, start: int, stop: int, input_ids: torch.Tensor) -> dict[str, Any]:
+        """Forward keywords for frames ``start:stop`` as one-frame videos (see ``frame_inputs``)."""
+        if self.frame_inputs is not None:
+            return self.frame_inputs(start, stop, input_ids)
+        return {"pixel_values_videos": self.pixel_values[start:stop, None]}
 
     @property
     def num_frames(self) -> int:

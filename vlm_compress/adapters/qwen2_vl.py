@@ -26,6 +26,7 @@ at every visual position) would have to be selected, merged and positioned with 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import torch
@@ -127,16 +128,27 @@ class Qwen2VLAdapter(Adapter):
         features = list(out.pooler_output)
         tower_length = captured.value.shape[0]
         videos, start = [], 0
-        for f, v, s, grid, t in self._encode(features, grids, captured.value):
+        for (f, v, s, grid, t), thw in zip(self._encode(features, grids, captured.value), grids):
             patches = t * grid[0] * grid[1] * self.merge ** 2
+            frames = pixel_values_videos[start: start + patches].view(t, patches // t, -1)  # [t, h·w, C·T·p²]
             videos.append(VideoBatch(
                 frames=ImageBatch(features=f, vision_features=v, layout=TokenLayout.single_grid(grid), source=s,
                                   tower_length=tower_length, project=self._project, source_span=self.merge ** 2),
                 suffix=f.new_zeros(0, f.shape[-1]),
-                pixel_values=pixel_values_videos[start: start + patches].view(t, grid[0] * grid[1], -1),
+                pixel_values=frames,
+                frame_inputs=functools.partial(self._one_frame_videos, frames, thw),
             ))
             start += patches
         return videos
+
+    def _one_frame_videos(self, frames: torch.Tensor, grid_thw: torch.Tensor, start: int, stop: int,
+                          input_ids: torch.Tensor) -> dict[str, Any]:
+        """Temporal slices ``start:stop`` of one video (patches ``[t, h·w, C·T·p²]``) as one-slice videos."""
+        one = grid_thw.clone()
+        one[0] = 1
+        return {"pixel_values_videos": frames[start:stop].flatten(0, 1),
+                "video_grid_thw": one[None].expand(stop - start, -1).contiguous(),
+                "mm_token_type_ids": self.token_types(input_ids)}
 
     def encoded_inputs(self, images: Sequence[torch.Tensor], videos: Sequence[torch.Tensor]) -> dict[str, Any]:
         return compat.encoded_media(images, videos, videos_as_list=True)

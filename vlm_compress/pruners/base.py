@@ -148,9 +148,14 @@ class ModelRunner:
         self.passes += 1
         self.tokens += sum(lengths)
         self.flops += prompt_costs(lengths, config.text_config, 4)[0]
-        for key in ("pixel_values_videos", "pixel_values"):
-            if inputs.get(key) is not None:
-                vision = config.vision_config
+        vision = config.vision_config
+        for key, grid in (("pixel_values_videos", "video_grid_thw"), ("pixel_values", "image_grid_thw")):
+            if inputs.get(key) is None:
+                continue
+            if inputs.get(grid) is not None:  # packed patches (Qwen2-VL): attention within each t-slice of h·w
+                for t, h, w in inputs[grid].tolist():
+                    self.flops += vision_flops(vision, h * w, t)
+            else:
                 tower_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
                 self.flops += vision_flops(vision, tower_tokens, int(inputs[key].shape[:-3].numel()))
 

@@ -303,14 +303,14 @@ class QuotaPruner(EncoderPruner):
             raise ValueError(f"quota's prompt_format must hold one {{visual}} placeholder, got {at.numel()}")
         ids = torch.cat([ids[: at[0]], ids.new_full((per_frame,), video_token_id), ids[at[0] + 1:]])
         yes, no = _answer_ids(tokenizer, "yes"), _answer_ids(tokenizer, "no")
-        pixels = ctx.video.pixel_values
+        frames, device = ctx.num_frames, ctx.video.pixel_values.device
         scores = []
-        for start in range(0, pixels.shape[0], self.score_batch):
-            chunk = pixels[start:start + self.score_batch]
-            batch = ids[None].expand(chunk.shape[0], -1).to(pixels.device)
+        for start in range(0, frames, self.score_batch):
+            stop = min(start + self.score_batch, frames)
+            batch = ids[None].expand(stop - start, -1).to(device)
             logits = ctx.runner.forward(
-                input_ids=batch, attention_mask=torch.ones_like(batch), pixel_values_videos=chunk[:, None],
-                logits_to_keep=1,
+                input_ids=batch, attention_mask=torch.ones_like(batch),
+                **ctx.video.one_frame_videos(start, stop, batch), logits_to_keep=1,
             ).logits[:, -1]
             scores += yes_probability(logits, yes, no)
         return scores
