@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
 .PHONY: setup browser example demo test test-oldest check-latest lock bench bench-quick bench-speed train-embedded \
-	train-matryoshka train-in-llm train-video train-tokenizers bench-tokenizers train-generators bench-speculative
+	train-matryoshka train-in-llm train-video train-qwen train-tokenizers bench-tokenizers train-generators bench-speculative
 
 setup:
 	VENV=$(VENV) bash tools/setup_env.sh
@@ -86,6 +86,8 @@ bench-speed: setup
 	$(PY) eval/speed_bench.py
 	$(PY) eval/speed_bench.py --dims cpu-scaled-next --methods random pool cls_attn hired globalcom2 --budgets 0.2 0.1 --repeats 3 --new-tokens 16
 	$(PY) eval/speed_bench.py --methods cls_attn fastv:layer=1 mustdrop_llm mustdrop+mustdrop_llm atp:heads=None pmod h2o --budgets 0.2 --out speed_cpu-scaled_cpu_in-llm
+	$(PY) eval/speed_bench.py --dims cpu-scaled-qwen2-vl --methods random pool cls_attn visionzip hired fastv:layer=1 \
+		mustdrop+mustdrop_llm atp:heads=None pmod h2o --budgets 0.2 0.1 --repeats 3 --new-tokens 16
 
 # Reproduce the shipped models from scratch with the current code: tiny-llava's curriculum (the stages and step
 # counts recorded in its train_log.json; the shipped run added the grounding losses over five short stages from
@@ -113,6 +115,12 @@ train-matryoshka: setup
 train-in-llm: setup
 	$(PY) -m vlm_compress.bench.train_pmod --base $(TINY) --out vlm_compress/assets/tiny-llava-pmod --minutes 15
 	$(PY) -m vlm_compress.bench.train_atp --base $(TINY) --out vlm_compress/assets/tiny-llava-atp --minutes 10
+
+# The embedded Qwen2-VL (tiny-llava's LLM, a Qwen2-VL ViT distilled from tiny-llava's visual tokens, then the whole
+# model fine-tuned on ShapesVQA with M-RoPE positions): about 45 min on 2 CPU cores (train_log.json).
+train-qwen: setup
+	$(PY) -m vlm_compress.bench.train_qwen --base $(TINY) --out vlm_compress/assets/tiny-qwen2-vl --distill-steps 700 \
+		--steps 500 --eval-every 250
 
 # The embedded video model tiny-onevision (LLaVA-OneVision, tiny-llava's tower/projector/LLM, a new word-level
 # tokenizer covering QuoTA's prompts), fine-tuned on ShapesVideo clips: about 50 min on 2 CPU cores (train_log.json).

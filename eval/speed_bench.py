@@ -4,9 +4,12 @@
     python eval/speed_bench.py --dims llava-1.5-7b --device cuda --dtype bfloat16
     python eval/speed_bench.py --dims cpu-scaled-next --repeats 3     # AnyRes: 672×672 → thumbnail + 2×2 crops
     python eval/speed_bench.py --dims llava-next-7b --device cuda --dtype bfloat16
+    python eval/speed_bench.py --dims cpu-scaled-qwen2-vl --repeats 3  # Qwen2-VL: 672×672 → 48×48 patches → 576 tokens
+    python eval/speed_bench.py --dims qwen2-vl-7b --device cuda --dtype bfloat16
 
 Random weights (speed does not depend on them). Batch of one image (336×336; 672×672 for the LLaVA-NeXT
-dims, i.e. 5 tower crops and 2928 visual tokens with newlines) and a short question. Reports the
+dims, i.e. 5 tower crops and 2928 visual tokens with newlines; 672×672 at native resolution for Qwen2-VL, 576
+visual tokens after the 2×2 merger) and a short question. Reports the
 speed-up, its ratio to the FLOPs-ideal speed-up (vision tower + LLM FLOPs, :mod:`vlm_compress.stats`), the
 selection overhead, and the peak memory added by the call (CUDA: allocator peak; CPU: the process's resident
 high-water mark, reset through /proc/self/clear_refs before each measurement).
@@ -28,13 +31,15 @@ from vlm_compress.bench.run import method_arg  # noqa: E402
 from vlm_compress.bench.timing import PeakMemory, decode_ms_per_token, machine_description, timed  # noqa: E402
 from vlm_compress.stats import decode_flops, kv_entry_bytes, prefill_flops, vision_flops  # noqa: E402
 from vlm_compress.testing import (  # noqa: E402
-    BENCH_DIMS, LLAVA_7B_DIMS, build_llava, build_llava_next, build_next_processor, build_processor, build_tokenizer,
-    random_images,
+    BENCH_DIMS, LLAVA_7B_DIMS, QWEN2_VL_7B_DIMS, QWEN_BENCH_DIMS, build_llava, build_llava_next, build_next_processor,
+    build_processor, build_qwen, build_qwen_processor, build_tokenizer, random_images,
 )
 
-# name → (dims, AnyRes). LLaVA-NeXT-7B (llava-v1.6-vicuna-7b) is LLaVA-1.5-7B's tower and LLM with AnyRes.
-DIMS = {"cpu-scaled": (BENCH_DIMS, False), "llava-1.5-7b": (LLAVA_7B_DIMS, False),
-        "cpu-scaled-next": (BENCH_DIMS, True), "llava-next-7b": (LLAVA_7B_DIMS, True)}
+# name → (dims, family). LLaVA-NeXT-7B (llava-v1.6-vicuna-7b) is LLaVA-1.5-7B's tower and LLM with AnyRes.
+DIMS = {"cpu-scaled": (BENCH_DIMS, "llava"), "llava-1.5-7b": (LLAVA_7B_DIMS, "llava"),
+        "cpu-scaled-next": (BENCH_DIMS, "next"), "llava-next-7b": (LLAVA_7B_DIMS, "next"),
+        "cpu-scaled-qwen2-vl": (QWEN_BENCH_DIMS, "qwen2_vl"), "qwen2-vl-7b": (QWEN2_VL_7B_DIMS, "qwen2_vl")}
+QWEN_SIDE = 672  # pixels: 48×48 patches of 14, 24×24 = 576 visual tokens
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 image_grid_pinpoints
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,9 +59,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    dims, anyres = DIMS[args.dims]
+    dims, family = DIMS[args.dims]
+    anyres = family == "next"
     tokenizer = build_tokenizer()
-    if anyres:
+    if family == "qwen2_vl":
+        model = build_qwen(tokenizer, dims, dtype=dtype).to(device)
+        processor = build_qwen_processor(tokenizer, dims, max_pixels=QWEN_SIDE ** 2, min_pixels=QWEN_SIDE ** 2)
+        side = QWEN_SIDE
+    elif anyres:
         model = build_llava_next(tokenizer, dims, dtype=dtype, pinpoints=NEXT_PINPOINTS).to(device)
         processor = build_next_processor(tokenizer, dims, NEXT_PINPOINTS)
         side = 2 * dims.image_size
@@ -67,13 +77,16 @@ def main() -> None:
     question = "USER: <image>\nwhat color is the square at the top left ? ASSISTANT:"
     inputs = processor(images=random_images(1, (side, side)), text=question, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    image_kwargs = {"image_sizes": inputs["image_sizes"]} if anyres else {}
+    image_kwargs = {k: inputs[k] for k in ("image_sizes", "image_grid_thw") if k in inputs}
     n = args.new_tokens
     cfg = model.config
     element = torch.finfo(dtype).bits // 8
     grid_tokens = int((inputs["input_ids"] == cfg.image_token_id).sum())  # visual tokens (newlines included)
-    tower_images = inputs["pixel_values"].shape[1] if anyres else 1
-    tower_tokens = (dims.image_size // dims.patch_size) ** 2 + 1
+    if family == "qwen2_vl":  # one image at native resolution: t·h·w patches
+        tower_images, tower_tokens = 1, int(inputs["image_grid_thw"][0].prod())
+    else:
+        tower_images = inputs["pixel_values"].shape[1] if anyres else 1
+        tower_tokens = (dims.image_size // dims.patch_size) ** 2 + 1
 
     def prefill():
         with torch.no_grad():
@@ -192,7 +205,7 @@ def main() -> None:
         r["vs_reference"] = r["prefill_ms"] / r["reference_ms"]
 
     machine = machine_description(device)
-    machine.update(dtype=args.dtype, dims=args.dims, dims_values=vars(dims), anyres=anyres)
+    machine.update(dtype=args.dtype, dims=args.dims, dims_values=vars(dims), anyres=anyres, family=family)
     stem = args.out or f"speed_{args.dims}_{device.type}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python eval/speed_bench.py " + " ".join(sys.argv[1:])
@@ -214,13 +227,19 @@ def untrained_routers(text_config) -> str:
 
 def to_markdown(rows, machine, command) -> str:
     d = machine["dims_values"]
+    if machine.get("family") == "qwen2_vl":
+        model = (f"Qwen2-VL ViT {d['vision_layers']}×{d['vision_hidden']} (patch {d['patch_size']}, 2×2 merger) + Qwen2 "
+                 f"{d['text_layers']}×{d['text_hidden']} ({d['text_heads']} heads / {d['text_kv_heads']} KV, MLP "
+                 f"{d['text_intermediate']}, M-RoPE); {QWEN_SIDE}×{QWEN_SIDE} image at native resolution")
+    else:
+        model = (f"CLIP ViT {d['vision_layers']}×{d['vision_hidden']} at {d['image_size']}/{d['patch_size']} + Llama "
+                 f"{d['text_layers']}×{d['text_hidden']} (MLP {d['text_intermediate']})"
+                 f"{'; LLaVA-NeXT AnyRes, 672×672 image → thumbnail + 2×2 crops' if machine.get('anyres') else ''}")
     head = (
         f"# Prefill / decode speed ({machine['dims']})\n\n"
         f"Command: `{command}`  \nMachine: {machine['cpu']} ({machine['device']}), {machine['threads']} threads, "
         f"torch {machine['torch']}, {machine['dtype']}, batch 1.  \n"
-        f"Model (random weights): CLIP ViT {d['vision_layers']}×{d['vision_hidden']} at {d['image_size']}/{d['patch_size']} "
-        f"+ Llama {d['text_layers']}×{d['text_hidden']} (MLP {d['text_intermediate']})"
-        f"{'; LLaVA-NeXT AnyRes, 672×672 image → thumbnail + 2×2 crops' if machine.get('anyres') else ''}.\n\n"
+        f"Model (random weights): {model}.\n\n"
         "`ratio` = measured prefill speed-up / FLOPs-ideal speed-up (in-LLM methods: FLOPs over their per-layer token "
         "counts; `LLM tok` is then the prompt entering layer 0). `vs ref` = our prefill / (stock vision tower + "
         "stock LLM on a text-only prompt of the same length): the cost of our machinery (1.00 = none).\n\n"

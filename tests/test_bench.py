@@ -17,10 +17,11 @@ TINY = ASSETS / "tiny-llava"
 NEXT = ASSETS / "tiny-llava-next"
 ONEVISION = ASSETS / "tiny-onevision"
 CLASSES = {"tiny-llava": "LlavaForConditionalGeneration", "tiny-llava-next": "LlavaNextForConditionalGeneration",
-           "tiny-onevision": "LlavaOnevisionForConditionalGeneration"}
+           "tiny-onevision": "LlavaOnevisionForConditionalGeneration", "tiny-qwen2-vl": "Qwen2VLForConditionalGeneration"}
 # visual tokens per image: a 12×12 grid; a 12×12 thumbnail + 24×24 from 2×2 crops + 24 newlines; per clip: 8 frames
-# of 12×12 pooled to 6×6 + the closing newline
-VISUAL_TOKENS = {"tiny-llava": 144, "tiny-llava-next": 144 + 576 + 24, "tiny-onevision": 8 * 36 + 1}
+# of 12×12 pooled to 6×6 + the closing newline; Qwen2-VL: 24×24 patches of 4 pixels merged 2×2
+VISUAL_TOKENS = {"tiny-llava": 144, "tiny-llava-next": 144 + 576 + 24, "tiny-onevision": 8 * 36 + 1,
+                 "tiny-qwen2-vl": 144}
 
 
 def load(name):
@@ -59,7 +60,7 @@ def test_shipped_models_load_offline_and_answer(name):
 def test_shipped_weights_are_small():
     sizes = [sum(f.stat().st_size for f in (ASSETS / name).glob("*.safetensors")) for name in EMBEDDED_MODELS]
     assert all(s > 0 for s in sizes) and sum(sizes[:2]) <= 25 * 2**20  # the limit for the two image models
-    assert sizes[2] <= 10 * 2**20  # the video model's
+    assert sizes[2] <= 10 * 2**20 and sizes[3] <= 10 * 2**20  # the video model's, the Qwen model's
 
 
 def test_quick_bench_run_on_anyres_model(tmp_path):

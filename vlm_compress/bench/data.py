@@ -26,7 +26,7 @@ class Item:
     video: np.ndarray | None = None  # [F, H, W, 3] uint8, instead of an image
 
 
-EMBEDDED_MODELS = ("tiny-llava", "tiny-llava-next", "tiny-onevision")
+EMBEDDED_MODELS = ("tiny-llava", "tiny-llava-next", "tiny-onevision", "tiny-qwen2-vl")
 
 
 def shapes_items(count: int, split: str = "test", task: ShapesTask | None = None, images: bool = True) -> list[Item]:

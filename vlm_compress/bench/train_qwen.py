@@ -209,6 +209,7 @@ def save(model, processor, out: Path, log: dict, started: float) -> None:
     model.to(torch.float16).save_pretrained(out)
     model.to(torch.float32)
     processor.save_pretrained(out)
+    (out / "task.json").write_text(json.dumps(ShapesTask().describe()))  # what the bench evaluates it on
     log["seconds"] = time.time() - started
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
 

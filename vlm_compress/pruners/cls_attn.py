@@ -2,6 +2,11 @@
 
 The common core of FasterVLM/VisionZip-dominant/HiRED-selection: top-k of the CLS→patch attention of the
 layer whose output feeds the LLM (ViT layer 22 of 24 for LLaVA-1.5; reference §1).
+
+Towers without CLS (SigLIP; Qwen2-VL/Qwen2.5-VL) score with the substitute of :mod:`vlm_compress.scoring`: the
+attention a token receives, averaged over the queries of its own tower image (Qwen: its image or video frame, over
+the whole image even in Qwen2.5-VL's windowed layers); a Qwen visual token (2×2 merged patches) gets the mean of its
+four patches' scores.
 """
 
 from __future__ import annotations

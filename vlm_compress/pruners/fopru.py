@@ -21,6 +21,9 @@ No official code exists. Implemented from the paper's description, with the open
 * Selected tokens keep their original order ("reordered to maintain their original positional relationships").
   Under AnyRes every token is scored within its own crop (or the thumbnail), and the statistic is chosen once per
   image over all of them.
+* **Qwen2-VL/Qwen2.5-VL** (no CLS, packed tower): received and given are taken within each image or video frame
+  (:class:`vlm_compress.scoring.PackedAttentionCapture`), a visual token's being the mean of its four merged patches;
+  rows are the rows of the merged grid.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ Differences from the official code, each deliberate:
 * Per-crop budgets use largest-remainder rounding with caps (:func:`vlm_compress.budget.apportion`), so the kept
   count equals the budget; the official floors keep up to one token per crop fewer.
 * On a model without AnyRes structure (LLaVA-1.5) this is the official single-partition variant: top-``k`` by
-  the feature layer's CLS attention, heads summed.
+  the feature layer's CLS attention, heads summed. Qwen2-VL/Qwen2.5-VL see each image as one native-resolution grid
+  (no thumbnail to allocate from): the same single-partition variant, scored by the received-attention substitute
+  of :mod:`vlm_compress.scoring` (no CLS), heads summed, each visual token the mean of its four merged patches.
 """
 
 from __future__ import annotations

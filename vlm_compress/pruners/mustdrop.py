@@ -18,6 +18,9 @@ are kept (the count is adaptive, as in the paper). Differences from the official
   image of a batch (the batch minimum), so a sample's result would depend on its batch.
 * Merged tokens stay in raster order (the official code moves them to the front).
 * At a budget covering every token nothing is merged (identity at full budget).
+* Qwen2-VL/Qwen2.5-VL: windows are 3×3 blocks of the merged token grid (a token's layer-0 hidden state is the mean
+  of its four patches'), merged tokens are averaged in the merger's input space and projected by the merger, and the
+  key set is chosen by the received-attention substitute of :mod:`vlm_compress.scoring` (no CLS).
 """
 
 from __future__ import annotations

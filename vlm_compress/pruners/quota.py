@@ -37,6 +37,9 @@ Choices the paper and code leave open, and our differences:
   assignment can be compared with the uniform split of the same method; AnyRes images (image prompts) are
   reduced by ``pool`` under ``within="bilinear"``.
 
+On Qwen2-VL/Qwen2.5-VL a "frame" is one temporal slice of the video (two input frames under the 2×2×2 patching),
+scored as a one-slice video (``VideoBatch.one_frame_videos``), its tokens the merged grid of that slice.
+
 Cost: the decoupling generation and the scoring passes are reported in ``stats.scoring_passes``,
 ``scoring_ms``, ``scoring_tokens`` and ``scoring_flops``; the per-frame scores in ``stats.frame_scores``.
 """

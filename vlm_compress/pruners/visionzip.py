@@ -9,6 +9,10 @@ tower's feature space, then projected. Output: ``[dominant…] ++ [contextual…
 The official README default is 54 dominant + 10 contextual = 64, so by default ``c = round(k·10/64)``.
 Differences from the official code: HF LLaVA drops CLS from the features under the "default" strategy, so no
 CLS token is prepended (it would be out of distribution for the LLM); at full budget nothing is merged.
+
+On Qwen2-VL/Qwen2.5-VL (no CLS): dominant tokens by the received-attention substitute (:mod:`vlm_compress.scoring`,
+the mean over each token's four merged patches); contextual merging by the patches' head-mean keys averaged over
+the group, in the merger's input space (the four patches concatenated), then through the merger.
 """
 
 from __future__ import annotations

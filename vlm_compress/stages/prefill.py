@@ -9,6 +9,11 @@ processed, so cache lengths differ per layer. :class:`LayerSlots` remembers, per
 sequence position each cache slot holds; every later call (decode steps) builds its mask from those slots, and
 position ids stay the original ones, so a decode step sits at the full-prompt position in all layers.
 
+Qwen2-VL/Qwen2.5-VL (3-D M-RoPE): the rotary embedding mixes the three position rows into ordinary ``(cos, sin)``
+tables before the decoder layers, so gathering a layer's rows keeps every token's own (t, h, w) position; cached
+steps given no position ids get the model's 4-row ids from the adapter (``Adapter.step_positions``: text position,
+then the M-RoPE rows shifted by ``rope_deltas``), so decode steps sit where the uncompressed prompt puts them.
+
 Masks are explicit boolean masks for SDPA (additive for eager); attention weights are never requested. When a
 layer processes every token of the prompt the original call runs untouched, which makes a plan that keeps
 everything bit-identical to the uncompressed model.
