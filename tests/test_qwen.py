@@ -23,7 +23,7 @@ GREEDY = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
 
 @pytest.fixture(scope="module", params=QWEN_KINDS)
 def qwen(request, tokenizer):
-    return build_qwen(tokenizer, DIMS, kind=request.param)
+    return build_qwen(tokenizer, DIMS, kind=request.param, attention_gain=8.0)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def method_args(name, budget, tmp_path):
 
 def uncompressed_positions(model, inputs):
     """[3, B, L] the stock M-RoPE positions (``get_rope_index``) of the uncompressed prompt."""
-    grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw") if k in inputs}
+    grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
     positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                               attention_mask=inputs["attention_mask"], **grids)
     return positions
@@ -145,9 +145,29 @@ def test_counts_match_the_budget_per_image_and_frame(qwen, image_inputs, video_i
         restore(qwen)
 
 
+def with_video_timing(model, inputs):
+    """Qwen2.5-VL videos: its processor's ``second_per_grid_ts`` (seconds per temporal slice) spaces the temporal
+    positions; two clips at different frame rates."""
+    if type(model).__name__.startswith("Qwen2_5") and "video_grid_thw" in inputs:
+        return {**inputs, "second_per_grid_ts": torch.tensor([1.0, 0.5])}
+    return inputs
+
+
+def test_positions_matter_in_the_tiny_models(qwen, image_inputs):
+    """The identity and position tests mean something: moving the visual tokens' M-RoPE rows changes the logits."""
+    full = uncompressed_positions(qwen, image_inputs)
+    text = (image_inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)[None]
+    with torch.no_grad():
+        ref = qwen(**image_inputs, position_ids=torch.cat([text, full])).logits
+        shifted = full.clone()
+        shifted[1] += 3 * (image_inputs["input_ids"] == qwen.config.image_token_id)  # visual tokens' height row
+        moved = qwen(**image_inputs, position_ids=torch.cat([text, shifted])).logits
+    assert (ref - moved).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_kept_tokens_keep_their_uncompressed_positions(qwen, image_inputs, video_inputs, kind):
-    inputs = image_inputs if kind == "image" else video_inputs
+    inputs = image_inputs if kind == "image" else with_video_timing(qwen, video_inputs)
     token = qwen.config.image_token_id if kind == "image" else qwen.config.video_token_id
     full = uncompressed_positions(qwen, inputs)
     compress(qwen, 0.3, "cls_attn")
@@ -196,11 +216,13 @@ def _language_model_positions(model, inputs, compressed_with=None, tmp_path=None
 
 
 @pytest.mark.parametrize("method", ["cls_attn", "fastv", "hired"])
-def test_decode_steps_continue_at_the_uncompressed_positions(qwen, image_inputs, method, tmp_path):
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_decode_steps_continue_at_the_uncompressed_positions(qwen, image_inputs, video_inputs, method, kind, tmp_path):
     """The prompt's last token and every decode step sit where they would without compression, in all three
     M-RoPE rows (encoder-stage: through the rewritten 4-row ids; in-LLM: through the layers' gathered tables)."""
-    want = _language_model_positions(qwen, image_inputs)
-    got = _language_model_positions(qwen, image_inputs, method, tmp_path)
+    inputs = image_inputs if kind == "image" else with_video_timing(qwen, video_inputs)
+    want = _language_model_positions(qwen, inputs)
+    got = _language_model_positions(qwen, inputs, method, tmp_path)
     for w, g in zip(want, got):
         assert torch.equal(w, g)
 
@@ -234,6 +256,32 @@ def test_batch_equals_single(qwen, qproc, qimages, image_inputs, method, tmp_pat
             torch.testing.assert_close(out.logits[0][i], one.logits[0][0], rtol=1e-4, atol=1e-4)
     finally:
         restore(qwen)
+
+
+def test_image_and_video_in_one_prompt(qwen, qproc, qimages, clips):
+    """Mixed media: an image and a video in one prompt, a two-image prompt beside it; counts per medium and the
+    positions of the text after both match the uncompressed prompt."""
+    inputs = qproc(images=qimages, videos=clips[:1], return_tensors="pt", padding=True,
+                   text=["USER: <image> then <video>\nhow many ? ASSISTANT:", "USER: <image> and <image>\nhow many ? ASSISTANT:"])
+    want = _language_model_positions(qwen, inputs)
+    tokens = qwen.generate(**inputs, **GREEDY)
+    compress(qwen, 1.0, "cls_attn")
+    try:
+        assert torch.equal(qwen.generate(**inputs, **GREEDY), tokens)
+    finally:
+        restore(qwen)
+    got = _language_model_positions(qwen, inputs, "cls_attn")
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    compress(qwen, 0.3, "cls_attn")
+    try:
+        qwen(**inputs)
+        stats = qwen.compression.stats
+    finally:
+        restore(qwen)
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    images = [int(g.prod()) // 4 for g in inputs["image_grid_thw"]]
+    assert stats.kept_per_image == [int(np.floor(0.3 * n + 0.5)) for n in images + [t * h * w // 4]]
 
 
 def test_restore_is_exact(qwen, image_inputs, video_inputs):

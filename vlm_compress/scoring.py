@@ -135,13 +135,13 @@ class PackedAttentionCapture(AttentionCapture):
     ``h·w`` patches each; Qwen2.5-VL's window permutation stays inside a frame). The scores are computed over a
     whole segment even where a layer attended within windows, so they rank tokens across the image (window-local
     softmaxes would give every window the same total mass). Queries get the rotary tables the attention received.
-    The attention each token receives is accumulated over blocks of ``block`` query rows, one head at a time, so
-    no ``[S, S]`` map is held (at most ``[block, h·w]``).
+    The attention each token receives is accumulated over blocks of query rows (all heads at once, at most ``block``
+    rows and 4 M entries per block), so no ``[S, S]`` map is held.
     """
 
-    def __init__(self, attention_modules: dict[int, nn.Module], tower: nn.Module, all_query_rows: bool = False,
+    def __init__(self, attention_modules: dict[int, nn.Module], tower: nn.Module, all_query_rows: bool = True,
                  layer_modules: dict[int, nn.Module] | None = None, block: int = 1024):
-        super().__init__(attention_modules, True, layer_modules, has_cls=False)
+        super().__init__(attention_modules, True, layer_modules, has_cls=False)  # the substitute reads every row
         self.tower = tower
         self.block = block
         self.segments: list[tuple[int, int]] = []
@@ -190,26 +190,30 @@ class PackedAttentionCapture(AttentionCapture):
         """``[1, S]``: the CLS substitute (no CLS here), the attention each token receives within its segment."""
         return self.received_attention(layer, head_reduce, kind)
 
-    def _per_head(self, layer: int, kind: ScoreKind):
-        """Per head ``(received [S], given [S])``: mean over a segment's queries / over its keys."""
+    def _per_head(self, layer: int, kind: ScoreKind, given: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(received [H, S], given [H, S] or None)`` per head: mean over a segment's queries / over its keys. All
+        heads at once over blocks of query rows, at most ``block`` rows and 4 M attention entries per block."""
         self._require(layer)
-        q = self._split_heads(layer, self.queries[layer])[0]  # [S, H, hd]
-        k = self._split_heads(layer, self.keys[layer])[0]
+        q = self._split_heads(layer, self.queries[layer])[0].transpose(0, 1)  # [H, S, hd]
+        k = self._split_heads(layer, self.keys[layer])[0].transpose(0, 1)
         scale = self._scale(layer)
-        for h in range(q.shape[1]):
-            received, given = torch.zeros(q.shape[0]), torch.zeros(q.shape[0])
-            for start, end in self.segments:
-                keys = k[start:end, h]
-                for row in range(start, end, self.block):
-                    stop = min(row + self.block, end)
-                    a = (q[row:stop, h] @ keys.T) * scale
-                    a = a.softmax(-1) if kind == "probs" else a
-                    received[start:end] += a.sum(0) / (end - start)
-                    given[row:stop] = a.mean(1)
-            yield received, given
+        heads, total = q.shape[0], q.shape[1]
+        received = torch.zeros(heads, total)
+        gave = torch.zeros(heads, total) if given else None
+        for start, end in self.segments:
+            keys = k[:, start:end]
+            rows = max(1, min(self.block, (1 << 22) // (heads * (end - start))))
+            for row in range(start, end, rows):
+                stop = min(row + rows, end)
+                a = torch.matmul(q[:, row:stop], keys.transpose(1, 2)) * scale  # [H, rows, n]
+                a = a.softmax(-1) if kind == "probs" else a
+                received[:, start:end] += a.sum(1) / (end - start)
+                if given:
+                    gave[:, row:stop] = a.mean(2)
+        return received, gave
 
     def received_attention(self, layer: int, head_reduce: HeadReduce = "mean", kind: ScoreKind = "probs") -> torch.Tensor:
-        heads = torch.stack([r for r, _ in self._per_head(layer, kind)])  # [H, S]
+        heads = self._per_head(layer, kind)[0]  # [H, S]
         if head_reduce == "mean":
             return heads.mean(0)[None]
         if head_reduce == "sum":
@@ -220,9 +224,5 @@ class PackedAttentionCapture(AttentionCapture):
         """Head-mean ``(received [1, S], given [1, S])`` within each segment (``skip`` must be 0: no CLS)."""
         if skip:
             raise ValueError("a packed tower has no CLS token to skip")
-        received = given = None
-        for r, g in self._per_head(layer, kind):
-            received = r if received is None else received + r
-            given = g if given is None else given + g
-        heads = self.modules[layer].num_heads
-        return (received / heads)[None], (given / heads)[None]
+        received, given = self._per_head(layer, kind, given=True)
+        return received.mean(0)[None], given.mean(0)[None]

@@ -313,10 +313,14 @@ def _qwen_config(tokenizer, dims: QwenDims, kind: str):
 
 
 def build_qwen(tokenizer=None, dims: QwenDims | None = None, kind: str = "qwen2_vl", seed: int = 0,
-               dtype: torch.dtype = torch.float32):
+               dtype: torch.dtype = torch.float32, attention_gain: float = 1.0):
     """A random-weight ``Qwen2VLForConditionalGeneration`` (``kind="qwen2_vl"``) or
     ``Qwen2_5_VLForConditionalGeneration`` (``"qwen2_5_vl"``: windowed ViT attention) for ``tokenizer``, whose
-    ``<image>``/``<video>`` tokens serve as ``<|image_pad|>``/``<|video_pad|>``."""
+    ``<image>``/``<video>`` tokens serve as ``<|image_pad|>``/``<|video_pad|>``.
+
+    ``attention_gain`` scales the LLM's query and key projections: at the default initialisation attention logits
+    are tiny, attention is nearly uniform and positions barely change the outputs, so tests of positions use a gain
+    that makes them matter."""
     import transformers
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
@@ -324,7 +328,12 @@ def build_qwen(tokenizer=None, dims: QwenDims | None = None, kind: str = "qwen2_
     cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
            "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[kind]
     torch.manual_seed(seed)
-    return _finish(cls(config), tokenizer, dtype)
+    model = cls(config)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(attention_gain)
+            layer.self_attn.k_proj.weight.mul_(attention_gain)
+    return _finish(model, tokenizer, dtype)
 
 
 def build_qwen_processor(tokenizer=None, dims: QwenDims | None = None, max_pixels: int = 48 * 48,

@@ -283,7 +283,9 @@ class Adapter:
     def capture(self, attention: dict[int, nn.Module], all_query_rows: bool,
                 layers: dict[int, nn.Module]) -> AttentionCapture:
         """The score hooks for one tower forward (:class:`~vlm_compress.scoring.AttentionCapture`)."""
-        return AttentionCapture(attention, all_query_rows, layers, has_cls=self.tower_has_cls)
+        if "_has_cls" not in self.__dict__:  # walks the tower's parameters: once, not per call
+            self.__dict__["_has_cls"] = self.tower_has_cls
+        return AttentionCapture(attention, all_query_rows, layers, has_cls=self.__dict__["_has_cls"])
 
     def prompt_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          media: dict[str, Any]) -> torch.Tensor | None:

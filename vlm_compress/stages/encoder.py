@@ -41,7 +41,6 @@ class RewrittenInputs:
     stats: CompressionStats
     video_features: list[torch.Tensor] = dataclasses.field(default_factory=list)  # [k_v, D] per video
     token_inputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # shortened [B, L'] inputs
-    uncompressed_positions: torch.Tensor | None = None  # [R, B, L] per-token positions before (M-RoPE)
 
 
 def _ranks(samples: list[int]) -> list[int]:
@@ -236,7 +235,6 @@ class EncoderStage:
             stats=stats,
             video_features=features_v,
             token_inputs=new_tokens,
-            uncompressed_positions=full,
         )
 
     @staticmethod
