@@ -54,6 +54,16 @@ def video_inputs(qproc, clips):
     return qproc(videos=clips, text=VIDEO_PROMPTS, return_tensors="pt", padding=True)
 
 
+def compressed_forward(model, inputs, budget, method):
+    """One forward of ``model`` compressed with ``method``; the compression state it left (``last``, ``stats``)."""
+    compress(model, budget, method)
+    try:
+        model(**inputs)
+        return model.compression
+    finally:
+        restore(model)
+
+
 def routers(tmp_path, hidden):
     r = TokenRouters(hidden, list(range(DIMS.text_layers)))
     generator = torch.Generator().manual_seed(0)
@@ -170,12 +180,7 @@ def test_kept_tokens_keep_their_uncompressed_positions(qwen, image_inputs, video
     inputs = image_inputs if kind == "image" else with_video_timing(qwen, video_inputs)
     token = qwen.config.image_token_id if kind == "image" else qwen.config.video_token_id
     full = uncompressed_positions(qwen, inputs)
-    compress(qwen, 0.3, "cls_attn")
-    try:
-        qwen(**inputs)
-        last = qwen.compression.last
-    finally:
-        restore(qwen)
+    last = compressed_forward(qwen, inputs, 0.3, "cls_attn").last
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
     placeholders = (ids == token).flatten().nonzero().squeeze(1)
     counts = [int(t * h * w) // 4 for t, h, w in inputs[f"{kind}_grid_thw"].tolist()]
@@ -273,12 +278,7 @@ def test_image_and_video_in_one_prompt(qwen, qproc, qimages, clips):
     got = _language_model_positions(qwen, inputs, "cls_attn")
     for w, g in zip(want, got):
         assert torch.equal(w, g)
-    compress(qwen, 0.3, "cls_attn")
-    try:
-        qwen(**inputs)
-        stats = qwen.compression.stats
-    finally:
-        restore(qwen)
+    stats = compressed_forward(qwen, inputs, 0.3, "cls_attn").stats
     t, h, w = inputs["video_grid_thw"][0].tolist()
     images = [int(g.prod()) // 4 for g in inputs["image_grid_thw"]]
     assert stats.kept_per_image == [int(np.floor(0.3 * n + 0.5)) for n in images + [t * h * w // 4]]
@@ -364,12 +364,7 @@ def test_visual_token_score_is_the_mean_over_its_merged_patches(qwen, image_inpu
     with capture, torch.no_grad():
         adapter.vision_tower(image_inputs["pixel_values"], grid_thw=grid)
     patch_scores = capture.first_row_attention(-2)[0]
-    compress(qwen, 0.25, "cls_attn", layer=-2)
-    try:
-        qwen(**image_inputs)
-        kept = qwen.compression.last.selection.kept_index
-    finally:
-        restore(qwen)
+    kept = compressed_forward(qwen, image_inputs, 0.25, "cls_attn").last.selection.kept_index  # layer -2
     from vlm_compress import compat
 
     order = compat.merge_group_positions(adapter.vision_tower, grid)

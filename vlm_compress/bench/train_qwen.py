@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .task import ShapesTask
 from .timing import machine_description
 from .train import CLIP_MEAN, CLIP_STD, optimizer_step
+from .train_next import evaluate
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DIMS = dict(patch_size=4, vision_hidden=128, vision_layers=4, vision_heads=4, mrope_section=(4, 6, 6))
@@ -118,27 +119,6 @@ def distill_loss(model, teacher, inputs, samples) -> torch.Tensor:
     return relative + (1 - F.cosine_similarity(student, target, dim=-1)).mean()
 
 
-@torch.no_grad()
-def evaluate(model, processor, task: ShapesTask, count: int = 256, batch_size: int = 32):
-    """Accuracy of the first generated token (greedy) on ``count`` validation samples, overall and per type."""
-    from PIL import Image
-
-    model.eval()
-    correct, per_type = 0, {}
-    for start in range(0, count, batch_size):
-        samples = [task.sample_at("val", i) for i in range(start, min(start + batch_size, count))]
-        inputs = processor(images=[Image.fromarray(s.image) for s in samples], text=[s.prompt for s in samples],
-                           return_tensors="pt", padding=True)
-        logits = model(**inputs, logits_to_keep=1).logits[:, -1]
-        for s, p in zip(samples, processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())):
-            correct += p == s.answer
-            t = per_type.setdefault(s.qtype, [0, 0])
-            t[0] += p == s.answer
-            t[1] += 1
-    model.train()
-    return correct / count, {k: v[0] / v[1] for k, v in per_type.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=str(ASSETS / "tiny-llava"))
@@ -197,7 +177,7 @@ def main() -> None:
             log["history"].append(dict(step=step + 1, loss=sum(running) / len(running), seconds=time.time() - started))
             running = []
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
-            acc, per_type = evaluate(model, processor, task)
+            acc, per_type = evaluate(model, processor, task, count=256, batch_size=32)
             log["history"].append(dict(step=step + 1, seconds=time.time() - started, val_acc=acc, per_type=per_type))
             print(json.dumps(dict(step=step + 1, val_acc=acc, per_type=per_type)), flush=True)
             save(model, processor, out, log, started)
