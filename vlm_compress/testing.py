@@ -274,11 +274,12 @@ QWEN2_VL_7B_DIMS = QwenDims(
     text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
     mrope_section=(16, 24, 24), rope_theta=1_000_000.0,
 )
-# The same proportions scaled so one prefill of a 672×672 image (48×48 patches → 576 visual tokens) takes about a
-# second on 2 CPU cores: the LLM is 8×1024 with MLP 5.29·d (as 18944/3584) and 8:1 query/KV heads, the tower is
-# sized so its share of prefill FLOPs (~1/3) matches Qwen2-VL-7B's (3.8 of 11.5 TFLOPs at 600 tokens).
+# The same proportions scaled to 2 CPU cores (one prefill of a 672×672 image, 48×48 patches → 576 visual tokens,
+# takes a few seconds): the LLM is LLaVA's scaled 8×1024 with Qwen2's MLP of 5.29·d (18944/3584) and 8:1 query/KV
+# heads; the tower keeps the 2304-patch sequence and is sized so its share of prefill FLOPs (~0.28) is near
+# Qwen2-VL-7B's (3.8 of 11.5 TFLOPs at 600 tokens, 0.33).
 QWEN_BENCH_DIMS = QwenDims(
-    patch_size=14, vision_hidden=256, vision_layers=10, vision_heads=4, vision_mlp_ratio=4,
+    patch_size=14, vision_hidden=256, vision_layers=8, vision_heads=4, vision_mlp_ratio=4,
     text_hidden=1024, text_layers=8, text_heads=16, text_kv_heads=2, text_intermediate=5416,
     mrope_section=(8, 12, 12), rope_theta=1_000_000.0,
 )

@@ -1,7 +1,9 @@
 """Train the embedded ``tiny-qwen2-vl`` (stock ``Qwen2VLForConditionalGeneration``) on ShapesVQA from ``tiny-llava``.
 
     python -m vlm_compress.bench.train_qwen --base vlm_compress/assets/tiny-llava \\
-        --out vlm_compress/assets/tiny-qwen2-vl --distill-steps 600 --steps 900
+        --out vlm_compress/assets/tiny-qwen2-vl --distill-steps 700 --steps 500
+    python -m vlm_compress.bench.train_qwen --out vlm_compress/assets/tiny-qwen2-vl --resume \\
+        --distill-steps 0 --steps 300 --lr 5e-4 --seed 1          # the shipped model's second run (make train-qwen)
 
 The LLM is ``tiny-llava``'s, moved over weight for weight (Qwen2's q/k/v biases start at zero; for text tokens the
 three M-RoPE rows are equal, which is plain RoPE, so the transplanted LLM reads text exactly as before). The ViT is
@@ -132,18 +134,32 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint in --out (its train_log.json is extended; the step counts "
+                             "and the learning-rate schedule restart)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     model, processor, teacher = initial_model(Path(args.base))
+    previous = None
+    if args.resume:
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        model = Qwen2VLForConditionalGeneration.from_pretrained(args.out, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(args.out)
+        previous = json.loads((Path(args.out) / "train_log.json").read_text())
     task = ShapesTask()
     rng = np.random.default_rng(args.seed)
-    log = dict(args=vars(args), dims=DIMS, task=task.describe(), machine={**machine_description(torch.device("cpu")), "cores": os.cpu_count()}, history=[])
+    log = dict(args=vars(args), dims=DIMS, task=task.describe(),
+               machine={**machine_description(torch.device("cpu")), "cores": os.cpu_count()}, history=[])
+    if previous is not None:  # one log for the whole run: earlier runs first
+        log = dict(previous, runs=[*previous.get("runs", [previous["args"]]), vars(args)],
+                   history=[*previous["history"], {"resumed": vars(args)}])
     out = Path(args.out)
     vision = [p for n, p in model.named_parameters() if n.startswith("model.visual.")]
     llm = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
-    started = time.time()
+    started = time.time() - (previous or {}).get("seconds", 0.0)
     total = args.distill_steps + args.steps
 
     def lr_factor(step: int, first: int, length: int) -> float:
