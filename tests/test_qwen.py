@@ -136,7 +136,10 @@ def test_generate_runs_for_every_method(qwen, image_inputs, video_inputs, method
 
 
 def test_llava_trained_query_transformer_is_refused_with_the_reason(qwen):
-    with pytest.raises((ValueError, TypeError), match=r"(?i)train|tiny-llava|dims|hidden|grid"):
+    """mqt's resampler reads the vision-space features: on Qwen the merger's input, 4 patches wide."""
+    width = 4 * (getattr(qwen.config.vision_config, "embed_dim", None) or qwen.config.vision_config.hidden_size)
+    assert get_adapter(qwen).vision_feature_size == width
+    with pytest.raises(ValueError, match=rf"needs {width} → {DIMS.text_hidden}: pass resampler=PATH"):
         compress(qwen, 0.5, "mqt")
     assert not patched_modules(qwen)
 

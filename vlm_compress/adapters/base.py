@@ -258,6 +258,11 @@ class Adapter:
         return self.model.model.vision_tower
 
     @property
+    def vision_feature_size(self) -> int:
+        """``Dv``: the width of :attr:`ImageBatch.vision_features` (the projector's input)."""
+        return self.model.config.vision_config.hidden_size
+
+    @property
     def tower_has_cls(self) -> bool:
         """Whether the tower's first token is a CLS (else CLS-based scores use the documented substitute,
         :meth:`vlm_compress.scoring.AttentionCapture.first_row_attention`)."""

@@ -68,6 +68,13 @@ class Qwen2VLAdapter(Adapter):
         return False
 
     @property
+    def vision_feature_size(self) -> int:
+        """The merger's input: ``m²`` patches of the ViT's width (Qwen2-VL: ``embed_dim``; Qwen2.5-VL: ``hidden_size``)."""
+        config = self.model.config.vision_config
+        width = getattr(config, "embed_dim", None) or config.hidden_size
+        return width * self.merge * self.merge
+
+    @property
     def merge(self) -> int:
         return self.vision_tower.spatial_merge_size
 

@@ -52,7 +52,7 @@ class MQTPruner(EncoderPruner):
         if adapter.anyres:
             raise ValueError("mqt resamples one patch grid; it has no AnyRes (LLaVA-NeXT) variant")
         config = self.module().config
-        vision, text = adapter.model.config.vision_config.hidden_size, adapter.text_config.hidden_size
+        vision, text = adapter.vision_feature_size, adapter.text_config.hidden_size
         if (config.kv_dim, config.embed_dim) != (vision, text):
             raise ValueError(f"the resampler at {self.resampler} maps {config.kv_dim} → {config.embed_dim} features; "
                              f"this model needs {vision} → {text}: pass resampler=PATH trained for it")
