@@ -148,7 +148,8 @@ def encoded_media(images: Sequence[torch.Tensor], videos: Sequence[torch.Tensor]
 
 
 def video_features(base_model: Any, pixel_values_videos: torch.Tensor, **video_kwargs: Any) -> torch.Tensor:
-    """The stock video features of ``base_model``: ``[B, F·n + 1, D]`` (OneVision: pooled frames, one newline)."""
+    """The stock video features of ``base_model``: ``[B, F·n + 1, D]`` (OneVision: pooled frames, one newline);
+    Qwen2-VL: per video ``[t·h·w/4, D]``."""
     out = base_model.get_video_features(pixel_values_videos=pixel_values_videos, return_dict=True, **video_kwargs)
     return out.pooler_output
 

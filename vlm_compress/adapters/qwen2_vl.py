@@ -130,9 +130,7 @@ class Qwen2VLAdapter(Adapter):
             raise ValueError("Qwen2-VL video inputs need video_grid_thw; pass everything the processor returns")
         base = self.model.model
         with ProjectorInput(self.vision_tower.merger) as captured:
-            out = base.get_video_features(pixel_values_videos=pixel_values_videos, video_grid_thw=grids,
-                                          return_dict=True)
-        features = list(out.pooler_output)
+            features = list(compat.video_features(base, pixel_values_videos, video_grid_thw=grids))
         tower_length = captured.value.shape[0]
         videos, start = [], 0
         for (f, v, s, grid, t), thw in zip(self._encode(features, grids, captured.value), grids):
