@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_compress import compress, list_methods, restore
+from vlm_compress import compat, compress, list_methods, restore
 from vlm_compress.adapters import get_adapter
 from vlm_compress.modules.pmod import TokenRouters
 from vlm_compress.patching import patched_modules
@@ -245,7 +245,7 @@ def test_cached_steps_without_position_ids_use_the_rope_deltas(qwen, qproc, qima
                             return_dict_in_generate=True, output_logits=True)
         first = qwen(**inputs, use_cache=True)
         step = out.sequences[:, inputs["input_ids"].shape[1]][:, None]
-        second = qwen(input_ids=step, cache=first.cache, use_cache=True)
+        second = qwen(input_ids=step, use_cache=True, **{compat.CACHE_ARGUMENT: compat.cache_of_output(first)})
         torch.testing.assert_close(second.logits[:, -1], out.logits[1], rtol=1e-4, atol=1e-4)
     finally:
         restore(qwen)
@@ -368,8 +368,6 @@ def test_visual_token_score_is_the_mean_over_its_merged_patches(qwen, image_inpu
         adapter.vision_tower(image_inputs["pixel_values"], grid_thw=grid)
     patch_scores = capture.first_row_attention(-2)[0]
     kept = compressed_forward(qwen, image_inputs, 0.25, "cls_attn").last.selection.kept_index  # layer -2
-    from vlm_compress import compat
-
     order = compat.merge_group_positions(adapter.vision_tower, grid)
     offset = 0
     for (t, h, w), index in zip(grid.tolist(), kept):
