@@ -192,6 +192,48 @@ def test_hired_splits_the_budget_and_selects_per_partition():
     assert budgets == [3, 0]
 
 
+def visionzip_anyres_context(keep):
+    """The hand-built AnyRes image with hired's final-layer CLS rows, random keys, and tower features equal to the
+    token index except at newlines (1000: any merge that took one in would show)."""
+    ctx = anyres_context(keep, hired_rows()[-2])
+    ctx.capture.keys = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(0))
+    vision = ctx.images.vision_features.clone()
+    vision[0, ctx.layout.newline] = 1000.0
+    ctx.images.vision_features = vision
+    return ctx
+
+
+def test_visionzip_anyres_per_crop_split():
+    ctx = visionzip_anyres_context(6)
+    sel = VisionZipPruner(budget=6, contextual_ratio=0.5).select(ctx)
+    # 4 + 4 + 4 content tokens → 2 each → 1 dominant + 1 contextual per sub-image, each by its own CLS:
+    # thumbnail [.1 .4 .3 .2] → t1, rest {0, 2, 3} → target 0; crop 0 (packed 4 5 9 10) [.5 .1 .3 .4] → 4, rest
+    # {5, 9, 10} → target 5; crop 1 (packed 6 7 11 12) [.2 .6 .1 0] → 7, rest {6, 11, 12} → target 6
+    assert sel.kept_index[0].tolist() == [1, 4, 7, 0, 5, 6]
+    assert sel.features[0][:, 0].tolist() == [1.0, 4.0, 7.0, 0 + (2 + 3) / 2, 5 + (9 + 10) / 2, 6 + (11 + 12) / 2]
+    assert sel.merged_into[0].tolist() == [3, 0, 3, 3, 1, 4, 5, 2, -1, 4, 4, 5, 5, -1]
+
+
+@pytest.mark.parametrize("per_crop", [True, False])
+@pytest.mark.parametrize("keep", [6, 9, 11])  # every part gets a contextual token
+def test_visionzip_anyres_never_merges_newlines(per_crop, keep):
+    ctx = visionzip_anyres_context(keep)
+    sel = VisionZipPruner(budget=keep, contextual_ratio=0.5, per_crop=per_crop).select(ctx)
+    newline = ctx.layout.newline
+    assert sel.features[0].shape[0] == keep
+    assert not newline[sel.kept_index[0]].any()  # neither dominant nor a contextual target
+    assert (sel.merged_into[0][newline] == -1).all() and (sel.merged_into[0][~newline] >= 0).all()
+    assert (sel.features[0] < 1000).all()  # no newline's features merged into any token
+
+
+def test_visionzip_anyres_global_variant_is_one_selection():
+    ctx = visionzip_anyres_context(6)
+    sel = VisionZipPruner(budget=6, contextual_ratio=0.5, per_crop=False).select(ctx)
+    # d = 3 over the whole image: 7 (.6), 4 (.5), then 1 and 10 tie at .4 → 1; 9 content tokens remain, step 3
+    rest = [0, 2, 3, 5, 6, 9, 10, 11, 12]
+    assert sel.kept_index[0].tolist() == [1, 4, 7, rest[0], rest[3], rest[6]]
+
+
 def test_hired_counts_are_exact_and_newlines_go_last():
     from vlm_compress.pruners.hired import HiREDPruner
 

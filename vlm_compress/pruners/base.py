@@ -28,6 +28,11 @@ class EncoderContext:
     ``keep[i]`` is the number of tokens image ``i`` must come out with; ``image_index_in_prompt[i]`` its rank
     among the images of its own prompt (batch-invariant, unlike the flat index ``i``). ``requested[i]`` is the
     budget it was given before :meth:`EncoderPruner.output_count` (``keep`` when ``None``).
+
+    ``instruction_ids[i]``: ``[T_i]`` the text of image ``i``'s prompt after the image (or frame's video): the
+    valid, non-visual token ids that follow its placeholders (for LLaVA templates the question and ``ASSISTANT:``).
+    ``embed_tokens``: the LLM's input embeddings, ``[T] ids → [T, D]`` in the space of ``features``. Both are set
+    by the encoder stage (``None`` in hand-built contexts); instruction-conditioned methods (CDPruner) read them.
     """
 
     images: ImageBatch
@@ -35,6 +40,8 @@ class EncoderContext:
     image_index_in_prompt: list[int]
     capture: AttentionCapture
     requested: list[int] | None = None
+    instruction_ids: list[torch.Tensor] | None = None
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def features(self) -> torch.Tensor:

@@ -52,6 +52,16 @@ def _complete(values: list[Any]) -> list[Any] | None:
     return values if values and all(v is not None for v in values) else None
 
 
+def _instruction(input_ids: torch.Tensor, text: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``[T]`` the text tokens (``text`` [B, L] bool) of the row holding flat placeholder ``positions`` that come
+    after the last of them."""
+    width = input_ids.shape[1]
+    row, last = int(positions[-1]) // width, int(positions[-1]) % width
+    after = text[row].clone()
+    after[: last + 1] = False
+    return input_ids[row][after]
+
+
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -86,6 +96,7 @@ class _Unit:
     requested: int  # the budget it gets; the pruner's output_count of it is what it must come out with
     rank: int  # batch-invariant position among its prompt's images/frames (seeds of random methods)
     capture: AttentionCapture
+    instruction: torch.Tensor  # [T] the prompt's text after the image/video (EncoderContext.instruction_ids)
 
 
 @dataclasses.dataclass
@@ -114,6 +125,12 @@ class EncoderStage:
             yield
         finally:
             self.suspended = previous
+
+    def _embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[T]`` token ids → ``[T, D]`` the LLM's input embeddings (no gradient)."""
+        embedding = self.adapter.model.get_input_embeddings()
+        with torch.no_grad():
+            return embedding(ids.to(embedding.weight.device))
 
     def _capture(self) -> AttentionCapture:
         return self.adapter.capture(self._attention, self.pruner.needs_all_query_rows(), self._layers)
@@ -165,19 +182,21 @@ class EncoderStage:
         video_samples = [int(p[0]) // width for p in video_positions]
 
         units = []
+        text = attention_mask.bool() & ~adapter.visual_mask(input_ids)
         flat = [(batch, row) for batch in images for row in range(batch.num_images)]
-        for (batch, row), rank in zip(flat, image_ranks):
+        for (batch, row), rank, positions in zip(flat, image_ranks, image_positions):
             units.append(_Unit(batch, row, tokens_to_keep(self.pruner.budget, batch.layout.num_tokens), rank,
-                               image_capture))
+                               image_capture, _instruction(input_ids, text, positions)))
         runner = ModelRunner(adapter.model, self.suspend)
         frame_counts, frame_scores = [], []
-        for video, sample, rank in zip(videos, video_samples, _ranks(video_samples)):
+        for video, sample, rank, positions in zip(videos, video_samples, _ranks(video_samples), video_positions):
+            instruction = _instruction(input_ids, text, positions)
             counts, scores = self._frame_counts(video, input_ids[sample][attention_mask[sample].bool()], runner)
             frame_counts.append(counts)
             frame_scores.append(scores)
             for f, count in enumerate(counts):
                 if count > 0:
-                    units.append(_Unit(video.frames, f, count, rank * 100_000 + f, video_capture))
+                    units.append(_Unit(video.frames, f, count, rank * 100_000 + f, video_capture, instruction))
         chosen = self._select(units)
         t2 = _now(device)
 
@@ -284,7 +303,9 @@ class EncoderStage:
             count = self.pruner.output_count(first.requested, images)
             ctx = EncoderContext(images=images, keep=[count] * len(members),
                                  image_index_in_prompt=[units[i].rank for i in members], capture=first.capture,
-                                 requested=[first.requested] * len(members))
+                                 requested=[first.requested] * len(members),
+                                 instruction_ids=[units[i].instruction for i in members],
+                                 embed_tokens=self._embed_tokens)
             chosen = self.pruner.select(ctx)
             for j, i in enumerate(members):
                 got = chosen.features[j].shape[0]
