@@ -14,10 +14,10 @@ from torch import nn
 
 from . import compat, pruners  # noqa: F401  (registers the built-in methods)
 from .adapters import Adapter, get_adapter
-from .budget import validate_budget
+from .budget import is_auto, validate_budget
 from .config import MethodConfig
 from .patching import check_unpatchable, patch_method, patched_modules, unpatch_all
-from .registry import get_method
+from .registry import get_method, list_methods
 from .stages.encoder import EncoderStage, RewrittenInputs
 from .stages.prefill import PrefillStage
 from .stats import CompressionStats
@@ -86,6 +86,12 @@ def _resolve_configs(
         else:
             config = dataclasses.replace(config)
         validate_budget(config.budget)
+        if is_auto(config.budget) and not getattr(type(config), "supports_auto", lambda: False)():
+            scored = [n for n in list_methods("encoder") if get_method(n).supports_auto()]
+            raise ValueError(
+                f"budget={config.budget!r} chooses each image's count from a method's token scores; {config.name!r} "
+                f"ranks no tokens by score. Use one of {', '.join(scored)}, or a float/int budget"
+            )
         configs.append(config)
     stages = [c.stage for c in configs]
     duplicated = sorted({s for s in stages if stages.count(s) > 1})
@@ -99,7 +105,7 @@ def _resolve_configs(
 
 def compress(
     model: nn.Module,
-    budget: float | int | None = None,
+    budget: float | int | str | None = None,
     method: str | MethodConfig | Sequence[str | MethodConfig] = "cls_attn",
     **method_kwargs: Any,
 ) -> nn.Module:
@@ -108,7 +114,9 @@ def compress(
     Args:
         model: a supported transformers VLM (see :func:`vlm_compress.adapters.supported_model_classes`).
         budget: float in (0, 1], the share of visual tokens kept (layer-averaged), or int >= 1, visual tokens
-            kept per image; default 0.2. May instead be set on a config object.
+            kept per image; default 0.2. Or ``"auto"`` / ``"auto:<mass>"`` (score-based encoder methods): each image
+            keeps the fewest tokens whose share of its score mass reaches ``mass`` (default 0.9), so counts differ
+            per image; ``stats.kept_per_image`` reports them. May instead be set on a config object.
         method: a registered name (:func:`list_methods`), a config object, or a list of them (one per stage).
         **method_kwargs: options of a single named method, e.g. ``compress(m, 0.2, "cls_attn", layer=-3)``.
 
@@ -184,7 +192,7 @@ def restore(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def compressed(
     model: nn.Module,
-    budget: float | int | None = None,
+    budget: float | int | str | None = None,
     method: str | MethodConfig | Sequence[str | MethodConfig] = "cls_attn",
     **method_kwargs: Any,
 ) -> Iterator[nn.Module]:

@@ -6,12 +6,19 @@ import math
 import numbers
 
 
-def validate_budget(budget: object) -> float | int:
-    """Return ``budget`` if valid, else raise a ``TypeError``/``ValueError`` that says what to pass."""
+AUTO = "auto"
+DEFAULT_MASS = 0.9
+
+
+def validate_budget(budget: object) -> float | int | str:
+    """Return ``budget`` if valid (``"auto"`` / ``"auto:<mass>"`` canonicalised to ``"auto:<mass>"``), else raise a
+    ``TypeError``/``ValueError`` that says what to pass."""
+    if isinstance(budget, str) and budget.partition(":")[0] == AUTO:
+        return f"{AUTO}:{auto_mass(budget):g}"
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(
-            f"budget must be a float in (0, 1] (share of visual tokens kept) or an int >= 1 "
-            f"(visual tokens kept per image), got {type(budget).__name__}"
+            f"budget must be a float in (0, 1] (share of visual tokens kept), an int >= 1 "
+            f"(visual tokens kept per image) or 'auto', got {type(budget).__name__} {budget!r}"
         )
     if isinstance(budget, numbers.Integral):
         if budget < 1:
@@ -22,6 +29,45 @@ def validate_budget(budget: object) -> float | int:
         hint = " (for an absolute token count pass an int, e.g. budget=64)" if budget > 1 else ""
         raise ValueError(f"a float budget is the share of visual tokens kept and must be in (0, 1], got {budget}{hint}")
     return budget
+
+
+def is_auto(budget: object) -> bool:
+    """Whether ``budget`` asks for per-image counts chosen by the method's scores (``"auto"``, ``"auto:0.8"``)."""
+    return isinstance(budget, str)
+
+
+def auto_mass(budget: str) -> float:
+    """The score mass of an ``"auto[:mass]"`` budget (default 0.9); a ``ValueError`` naming the forms otherwise."""
+    name, sep, value = budget.partition(":")
+    try:
+        mass = float(value) if sep else DEFAULT_MASS
+    except ValueError:
+        mass = math.nan
+    if name != AUTO or not 0.0 < mass <= 1.0:
+        raise ValueError(f"a string budget must be 'auto' or 'auto:<mass>' with mass in (0, 1] (e.g. 'auto:0.8'), "
+                         f"got {budget!r}")
+    return mass
+
+
+def auto_count(scores: "torch.Tensor", mass: float) -> int:
+    """Tokens ``budget="auto"`` keeps of one image: the fewest top-scoring tokens whose share of the image's total
+    score reaches ``mass``, at least 1.
+
+    ``scores``: ``[N]``, ``-inf`` for tokens a method never picks (newlines), which are not counted. Non-negative
+    scores (attention probabilities) are shares as they are; a score vector with negative entries (logits) is
+    turned into shares by a softmax over the image's finite scores. Shares within 1e-6 of ``mass`` reach it (float32 sums).
+    """
+    import torch
+
+    finite = scores[torch.isfinite(scores)].double()
+    if finite.numel() == 0:
+        return 1
+    weights = finite.softmax(0) if bool((finite < 0).any()) else finite
+    total = weights.sum()
+    if total <= 0:  # no signal: keep everything the method could pick
+        return int(finite.numel())
+    share = weights.sort(descending=True).values.cumsum(0) / total
+    return max(1, min(int(finite.numel()), int((share < mass - 1e-6).sum()) + 1))
 
 
 def tokens_to_keep(budget: float | int, num_tokens: int) -> int:

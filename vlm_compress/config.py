@@ -20,12 +20,14 @@ class MethodConfig:
     name: ClassVar[str] = ""
     stage: ClassVar[str] = ""
 
-    budget: float | int | None = dataclasses.field(
+    budget: float | int | str | None = dataclasses.field(
         default=None,
         metadata={
             "help": "Float in (0, 1]: share of visual tokens kept, layer-averaged (docs/architecture.md, "
             "'The budget convention'). "
-            "Int >= 1: layer-averaged visual tokens kept per image. None: set by `compress(budget=...)`."
+            "Int >= 1: layer-averaged visual tokens kept per image. 'auto' or 'auto:<mass>' (score-based encoder "
+            "methods): per image, the fewest tokens holding that share of the method's score mass (default 0.9). "
+            "None: set by `compress(budget=...)`."
         },
     )
 

@@ -282,5 +282,16 @@ class EncoderPruner(MethodConfig):
         given 0 are dropped with their placeholders. Default: an even split; QuoTA assigns by frame relevance."""
         return ctx.even_counts()
 
+    def token_scores(self, ctx: EncoderContext) -> torch.Tensor | None:
+        """``[I, N]`` the scores this method ranks tokens by (``-inf`` for tokens it never picks, such as newlines),
+        from which ``budget="auto"`` chooses each image's count (:func:`vlm_compress.budget.auto_count`).
+        ``None`` (the default): not a score-based method, so ``compress`` refuses ``"auto"``."""
+        return None
+
+    @classmethod
+    def supports_auto(cls) -> bool:
+        """Whether ``budget="auto"`` works with this method (it overrides :meth:`token_scores`)."""
+        return cls.token_scores is not EncoderPruner.token_scores
+
     def select(self, ctx: EncoderContext) -> EncoderSelection:
         raise NotImplementedError

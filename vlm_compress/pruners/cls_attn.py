@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from ..ops import HEAD_REDUCTIONS, SCORE_KINDS
 from ..registry import register_method
 from .base import EncoderContext, EncoderPruner, EncoderSelection
@@ -31,6 +33,8 @@ class ClsAttnPruner(EncoderPruner):
     def attention_layers(self) -> tuple[int, ...]:
         return (self.layer,)
 
+    def token_scores(self, ctx: EncoderContext) -> torch.Tensor:
+        return ctx.cls_attention(self.layer, self.head_reduce, self.kind)
+
     def select(self, ctx: EncoderContext) -> EncoderSelection:
-        scores = ctx.cls_attention(self.layer, self.head_reduce, self.kind)
-        return EncoderSelection.top_k(ctx.features, scores, ctx.uniform_keep())
+        return EncoderSelection.top_k(ctx.features, self.token_scores(ctx), ctx.uniform_keep())

@@ -72,6 +72,9 @@ class FoPruPruner(EncoderPruner):
         pick_received = _variance(received, finite) >= _variance(given, finite)
         return torch.where(pick_received[:, None], received, given)
 
+    def token_scores(self, ctx: EncoderContext) -> torch.Tensor:
+        return self.significance(ctx)
+
     def select(self, ctx: EncoderContext) -> EncoderSelection:
         keep = ctx.uniform_keep()
         scores = self.significance(ctx)

@@ -66,9 +66,13 @@ class GlobalCom2Pruner(EncoderPruner):
         sigma = ((region_sum - region_sum.max()) / self.temperature).softmax(0)
         return (ratio * (1 + sigma - 1 / crops)).clamp(max=1.0)
 
+    def token_scores(self, ctx: EncoderContext) -> torch.Tensor:
+        """``[I, N]`` the last layer's CLS scores (``kind``; newlines -inf)."""
+        return ctx.cls_attention(self.layer, "mean", self.kind)
+
     def select(self, ctx: EncoderContext) -> EncoderSelection:
         layout, keep = ctx.layout, ctx.uniform_keep()
-        scores = ctx.cls_attention(self.layer, "mean", self.kind)
+        scores = self.token_scores(ctx)
         if keep >= ctx.num_tokens or not layout.is_anyres:
             return EncoderSelection.top_k(ctx.features, scores, keep)
         index = torch.stack([self._select_one(layout, keep, s) for s in scores.cpu()])

@@ -57,9 +57,13 @@ class HiREDPruner(EncoderPruner):
     def attention_layers(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys((self.allocation_layer, self.selection_layer)))
 
+    def token_scores(self, ctx: EncoderContext) -> torch.Tensor:
+        """``[I, N]`` the selection layer's CLS attention (newlines -inf)."""
+        return ctx.cls_attention(self.selection_layer, self.head_reduce, "probs")
+
     def select(self, ctx: EncoderContext) -> EncoderSelection:
         layout, keep, n = ctx.layout, ctx.uniform_keep(), ctx.num_tokens
-        final = ctx.cls_attention(self.selection_layer, self.head_reduce, "probs")  # [I, N], newlines -inf
+        final = self.token_scores(ctx)  # [I, N], newlines -inf
         content = int((~layout.newline).sum())
         if not layout.is_anyres or keep >= content:
             return EncoderSelection.top_k(ctx.features, final, keep)

@@ -69,9 +69,13 @@ class MustDropPruner(EncoderPruner):
             out.append([torch.tensor(g) for g in groups.values() if len(g) == self.window**2])
         return out
 
+    def token_scores(self, ctx: EncoderContext) -> torch.Tensor:
+        """``[I, N]`` the key layer's CLS attention (newlines -inf)."""
+        return ctx.cls_attention(self.key_layer, "mean", "probs")
+
     def select(self, ctx: EncoderContext) -> EncoderSelection:
         keep, n = ctx.uniform_keep(), ctx.num_tokens
-        scores = ctx.cls_attention(self.key_layer, "mean", "probs").cpu()
+        scores = self.token_scores(ctx).cpu()
         if keep >= n:
             index = torch.arange(n, device=ctx.features.device).expand(scores.shape[0], n)
             selection = EncoderSelection.from_indices(ctx.features, index)

@@ -71,6 +71,10 @@ class VisionZipPruner(EncoderPruner):
             return [layout.tokens_of(0), *((layout.crop == c).nonzero().squeeze(1) for c in crops)]
         return [(~layout.newline).nonzero().squeeze(1)]
 
+    def token_scores(self, ctx: EncoderContext) -> torch.Tensor:
+        """``[I, N]`` the CLS attention that picks dominant tokens (newlines -inf)."""
+        return ctx.cls_attention(self.layer, self.head_reduce, "probs")
+
     def select(self, ctx: EncoderContext) -> EncoderSelection:
         keep, n = ctx.uniform_keep(), ctx.num_tokens
         features = ctx.features
@@ -80,10 +84,10 @@ class VisionZipPruner(EncoderPruner):
         parts = [p.to(features.device) for p in self.parts(ctx)]
         sizes = [int(p.numel()) for p in parts]
         if keep >= sum(sizes):  # every content token and some newlines: nothing left to merge
-            scores = ctx.cls_attention(self.layer, self.head_reduce, "probs")
+            scores = self.token_scores(ctx)
             return EncoderSelection.top_k(features, scores, keep)
         counts = apportion(keep, [float(s) for s in sizes], sizes)
-        scores = ctx.cls_attention(self.layer, self.head_reduce, "probs")
+        scores = self.token_scores(ctx)
         keys = ctx.keys(self.layer)
         out, kept, merged = [], [], []
         for i in range(features.shape[0]):

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from ..adapters.base import Adapter, ImageBatch, VideoBatch
-from ..budget import tokens_to_keep
+from ..budget import auto_count, auto_mass, is_auto, tokens_to_keep
 from ..pruners.base import EncoderContext, EncoderPruner, EncoderSelection, ModelRunner, VideoContext
 from ..scoring import AttentionCapture
 from ..stats import CompressionStats, prompt_costs
@@ -185,7 +185,7 @@ class EncoderStage:
         text = attention_mask.bool() & ~adapter.visual_mask(input_ids)
         flat = [(batch, row) for batch in images for row in range(batch.num_images)]
         for (batch, row), rank, positions in zip(flat, image_ranks, image_positions):
-            units.append(_Unit(batch, row, tokens_to_keep(self.pruner.budget, batch.layout.num_tokens), rank,
+            units.append(_Unit(batch, row, self._requested(batch.layout.num_tokens), rank,
                                image_capture, _instruction(input_ids, text, positions)))
         runner = ModelRunner(adapter.model, self.suspend)
         frame_counts, frame_scores = [], []
@@ -197,6 +197,8 @@ class EncoderStage:
             for f, count in enumerate(counts):
                 if count > 0:
                     units.append(_Unit(video.frames, f, count, rank * 100_000 + f, video_capture, instruction))
+        if is_auto(self.pruner.budget):
+            self._auto_counts(units)
         chosen = self._select(units)
         t2 = _now(device)
 
@@ -271,11 +273,34 @@ class EncoderStage:
             )
         return list(mask.flatten().nonzero().squeeze(1).split(counts)) if counts else []
 
+    def _requested(self, num_tokens: int) -> int:
+        """An image's budget in tokens; under ``budget="auto"`` all of them until :meth:`_auto_counts`."""
+        return num_tokens if is_auto(self.pruner.budget) else tokens_to_keep(self.pruner.budget, num_tokens)
+
+    def _auto_counts(self, units: list[_Unit]) -> None:
+        """``budget="auto"``: each unit's count from the pruner's token scores (:func:`~vlm_compress.budget.auto_count`),
+        scored in groups of one layout and capture; a unit's count depends on its own scores only."""
+        mass = auto_mass(self.pruner.budget)
+        groups: dict[Any, list[int]] = {}
+        for i, unit in enumerate(units):
+            groups.setdefault((unit.batch.layout.key(), id(unit.capture)), []).append(i)
+        for members in groups.values():
+            images = ImageBatch.cat([units[i].batch.rows([units[i].row]) for i in members])
+            n = images.layout.num_tokens
+            ctx = EncoderContext(images=images, keep=[n] * len(members),
+                                 image_index_in_prompt=[units[i].rank for i in members], capture=units[members[0]].capture)
+            scores = self.pruner.token_scores(ctx)
+            for j, i in enumerate(members):
+                units[i].requested = auto_count(scores[j], mass)
+
     def _frame_counts(self, video: VideoBatch, prompt_ids: torch.Tensor,
                       runner: ModelRunner) -> tuple[list[int], list[float] | None]:
         """Per-frame token counts of one video: the budget over the whole video (suffix kept), split by the
-        pruner (evenly unless it assigns frames itself), checked to sum exactly."""
+        pruner (evenly unless it assigns frames itself), checked to sum exactly. Under ``budget="auto"`` every
+        frame is a unit of its own, counted by its scores (:meth:`_auto_counts`)."""
         per_frame = video.frames.layout.num_tokens
+        if is_auto(self.pruner.budget):
+            return [per_frame] * video.num_frames, None
         suffix = video.suffix.shape[0]
         total = tokens_to_keep(self.pruner.budget, video.num_tokens)
         frame_total = min(max(total - suffix, 1), video.num_frames * per_frame)
