@@ -229,6 +229,15 @@ class Adapter:
             raise TypeError(f"cannot find the decoder layers of {type(self.model).__name__}.model.language_model")
         return layers
 
+    def final_norm(self) -> nn.Module:
+        """The LLM's final norm, between its last decoder layer and the LM head (``language_model.norm``: the
+        attribute every transformers 5.x text model of the supported families uses; DART reads hidden states
+        through it)."""
+        norm = getattr(getattr(self.model.model, "language_model", None), "norm", None)
+        if norm is None:
+            raise TypeError(f"cannot find the final norm of {type(self.model).__name__}.model.language_model")
+        return norm
+
     @property
     def video_token_id(self) -> int | None:
         return None

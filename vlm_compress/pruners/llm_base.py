@@ -9,7 +9,7 @@ the per-layer KV caches are the stage's job (``stages/prefill.py``), never the m
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -56,8 +56,28 @@ class PrefillContext:
         return (self.alive & self.visual).sum(dim=1)
 
 
-# rows [B, S] bool -> attention of those rows over the layer's keys, scattered to prompt positions: [B, R, S]
-RowAttention = Callable[[torch.Tensor], torch.Tensor]
+class LayerView(Protocol):
+    """What a method may read of one decoder layer right after it ran on the prompt (given to
+    :meth:`PrefillPruner.after_layer` and :meth:`DecodePolicy.observe`; ``stages/prefill.py`` implements it).
+
+    Everything is computed on first use only, so a method pays for what it asks and nothing else. Prompt positions
+    the layer did not process are zeros (``keys``) or their pass-through hidden state (``output``).
+    """
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [B, S] bool → head-mean post-softmax attention of those rows over the layer's keys, scattered to
+        prompt positions: [B, R, S] (R = the most rows of any sample; padding rows are zero)."""
+
+    def keys(self) -> torch.Tensor:
+        """[B, S, H_kv·hd] the layer's keys as its KV cache holds them (RoPE applied), heads concatenated, at
+        their prompt positions."""
+
+    def output(self, normed: bool = False) -> torch.Tensor:
+        """[B, S, D] the layer's output hidden states; ``normed``: passed through the LLM's final norm (the one
+        before the LM head)."""
+
+
+RowAttention = LayerView  # the earlier name (a plain callable rows → [B, R, S]); calling a view still gives that
 
 
 @dataclasses.dataclass
@@ -73,7 +93,7 @@ class PrefillPruner(MethodConfig):
         """Raise a ``ValueError`` if trained parts of the method (e.g. routers) do not fit this LLM."""
 
     def scoring_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Layers after which :meth:`after_layer` is called (with that layer's row attention available)."""
+        """Layers after which :meth:`after_layer` is called (with a :class:`LayerView` of that layer)."""
         return ()
 
     def start(self, ctx: PrefillContext) -> None:
@@ -93,8 +113,9 @@ class PrefillPruner(MethodConfig):
         methods with differentiable pruning such as ATP); ``None``: plain masks."""
         return None
 
-    def after_layer(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
-        """Update ``ctx.alive`` (and anything else) after scoring layer ``layer`` ran."""
+    def after_layer(self, layer: int, ctx: PrefillContext, attention: LayerView) -> None:
+        """Update ``ctx.alive`` (and anything else) after scoring layer ``layer`` ran; ``attention(rows)`` gives
+        row attention, ``attention.keys()`` / ``attention.output()`` the layer's keys and outputs."""
 
     def finish(self, stage: Any, cache: Any) -> None:
         """Called once after the prompt's last layer (MustDrop's stage 3 shrinks the caches here)."""
@@ -114,8 +135,8 @@ class DecodePolicy(MethodConfig):
     def check(self, num_layers: int) -> None:
         """Raise a ``ValueError`` naming the fix if the policy cannot run on this LLM."""
 
-    def observe(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
-        """Called after every layer of a prompt's prefill, with that layer's row attention."""
+    def observe(self, layer: int, ctx: PrefillContext, attention: LayerView) -> None:
+        """Called after every layer of a prompt's prefill, with a :class:`LayerView` of that layer."""
 
     def apply(self, stage: Any, cache: Any, prompt: bool) -> None:
         """Called after every forward (``prompt`` for the prefill) to edit ``cache``'s layers."""

@@ -134,6 +134,74 @@ class PrefillRecord:
     select_s: float = 0.0
 
 
+class PromptLayerView:
+    """:class:`~vlm_compress.pruners.llm_base.LayerView` of decoder layer ``i`` right after it ran on the prompt.
+
+    hidden: [B, S, D] the layer's input; out: [B, S, D] its output (skipped tokens passed through); layer_hidden:
+    [B, n, D] the input rows it processed, at ``layer_positions`` [B, n] (-1: padding), with their rotary tables.
+    Keys, queries and the final norm are computed on first use, once per layer, so methods that do not ask pay nothing.
+    """
+
+    def __init__(self, stage: "PrefillStage", i: int, hidden: torch.Tensor, out: torch.Tensor,
+                 layer_hidden: torch.Tensor, layer_positions: torch.Tensor, layer_cos: torch.Tensor,
+                 layer_sin: torch.Tensor, kwargs: dict):
+        self.stage, self.i, self.hidden, self.out = stage, i, hidden, out
+        self.layer_hidden, self.layer_positions = layer_hidden, layer_positions
+        self.layer_cos, self.layer_sin, self.kwargs = layer_cos, layer_sin, kwargs
+        self._layer_keys: torch.Tensor | None = None
+        self._normed: torch.Tensor | None = None
+
+    @property
+    def layer(self) -> nn.Module:
+        return self.stage.layers[self.i]
+
+    def layer_keys(self) -> torch.Tensor:
+        """[B, H_kv, n, hd] the keys of the processed rows, RoPE applied (read from the cache when there is one)."""
+        if self._layer_keys is None:
+            cache = compat.cache_of_call(self.kwargs)
+            if self.kwargs.get("use_cache") and compat.has_layer_entries(cache):
+                self._layer_keys = compat.layer_keys(cache, self.i)
+            else:
+                self._layer_keys = project_keys(self.layer, self.layer_hidden, self.layer_cos, self.layer_sin)
+        return self._layer_keys
+
+    def _scatter_target(self) -> torch.Tensor:
+        """[B, n] the prompt position of each processed row; padding rows → S (a dummy column or row)."""
+        return torch.where(self.layer_positions >= 0, self.layer_positions, self.hidden.shape[1])
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [B, S] → attention of those rows over the layer's keys, scattered to prompt positions [B, R, S]."""
+        s = self.hidden.shape[1]
+        index, real = pack(rows, dummy=s)
+        cos, sin = compat.rotary_tables(self.kwargs)
+        q_cos = _gather_rows(_with_dummy(cos), index)
+        q_sin = _gather_rows(_with_dummy(sin), index)
+        queries = project_queries(self.layer, _gather_rows(_with_dummy(self.hidden), index), q_cos, q_sin)
+        query_positions = torch.where(real, index, -1)
+        allowed = self.stage.slots.allowed(self.i, query_positions) & real[:, :, None]
+        probs = row_attention(self.layer, queries, self.layer_keys(), allowed)  # [B, R, K]
+        out = probs.new_zeros(probs.shape[0], probs.shape[1], s + 1)
+        out.scatter_(2, self._scatter_target()[:, None, :].expand_as(probs), probs)
+        return out[..., :s]
+
+    def keys(self) -> torch.Tensor:
+        """[B, S, H_kv·hd] the layer's post-RoPE keys, heads concatenated, at prompt positions (zeros elsewhere)."""
+        keys = self.layer_keys()
+        b, h, n, hd = keys.shape
+        flat = keys.transpose(1, 2).reshape(b, n, h * hd)
+        out = flat.new_zeros(b, self.hidden.shape[1] + 1, h * hd)
+        out.scatter_(1, self._scatter_target()[..., None].expand_as(flat), flat)
+        return out[:, :-1]
+
+    def output(self, normed: bool = False) -> torch.Tensor:
+        """[B, S, D] the layer's output; ``normed``: through the LLM's final norm (``Adapter.final_norm``)."""
+        if not normed:
+            return self.out
+        if self._normed is None:
+            self._normed = self.stage.adapter.final_norm()(self.out)
+        return self._normed
+
+
 class PrefillStage:
     """Runs one :class:`PrefillPruner` inside the decoder layers of an adapter's LLM."""
 
@@ -310,7 +378,9 @@ class PrefillStage:
         self.record.visual.append((counted & ctx.visual).sum(dim=1))
         if i in self.scoring or self.policies:
             started = time.perf_counter()
-            attention = self._row_attention_fn(i, hidden, layer_hidden, layer_positions, layer_cos, layer_sin, kwargs)
+            attention = PromptLayerView(
+                self, i, hidden, out, layer_hidden, layer_positions, layer_cos, layer_sin, kwargs
+            )
             for policy in self.policies:
                 policy.observe(i, ctx, attention)
             if i in self.scoring:
@@ -385,41 +455,6 @@ class PrefillStage:
         out = original(x)
         weights = self._mlp_scales.get(index)
         return out * weights if weights is not None else out
-
-    def _row_attention_fn(
-        self, i: int, hidden: torch.Tensor, layer_hidden: torch.Tensor, layer_positions: torch.Tensor,
-        layer_cos: torch.Tensor, layer_sin: torch.Tensor, kwargs: dict,
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """rows [B, S] → attention of those rows over layer ``i``'s keys, scattered to prompt positions [B, R, S]."""
-        layer = self.layers[i]
-        cache = compat.cache_of_call(kwargs)
-        s = hidden.shape[1]
-        keys_of_layer: list[torch.Tensor] = []  # computed on first use, shared by every call at this layer
-
-        def layer_keys() -> torch.Tensor:
-            if not keys_of_layer:
-                if kwargs.get("use_cache") and compat.has_layer_entries(cache):
-                    keys_of_layer.append(compat.layer_keys(cache, i))
-                else:
-                    keys_of_layer.append(project_keys(layer, layer_hidden, layer_cos, layer_sin))
-            return keys_of_layer[0]
-
-        def attention(rows: torch.Tensor) -> torch.Tensor:
-            index, real = pack(rows, dummy=s)
-            cos, sin = compat.rotary_tables(kwargs)
-            q_cos = _gather_rows(_with_dummy(cos), index)
-            q_sin = _gather_rows(_with_dummy(sin), index)
-            queries = project_queries(layer, _gather_rows(_with_dummy(hidden), index), q_cos, q_sin)
-            keys = layer_keys()
-            query_positions = torch.where(real, index, -1)
-            allowed = self.slots.allowed(i, query_positions) & real[:, :, None]
-            probs = row_attention(layer, queries, keys, allowed)  # [B, R, K]
-            out = probs.new_zeros(probs.shape[0], probs.shape[1], s + 1)
-            target = torch.where(layer_positions >= 0, layer_positions, s)
-            out.scatter_(2, target[:, None, :].expand_as(probs), probs)
-            return out[..., :s]
-
-        return attention
 
     def _step_layer(self, i: int, original: Callable[..., Any], hidden: torch.Tensor, kwargs: dict) -> Any:
         slots = self.slots
