@@ -24,6 +24,8 @@ class Item:
     answer: str
     qtype: str = "all"
     video: np.ndarray | None = None  # [F, H, W, 3] uint8, instead of an image
+    objects: list | None = None  # the scene's SceneObjects (ShapesVQA), for the bench's oracle row
+    grid: tuple[int, int] | None = None  # the scene's (rows, cols) cell grid
 
 
 EMBEDDED_MODELS = ("tiny-llava", "tiny-llava-next", "tiny-onevision", "tiny-qwen2-vl")
@@ -32,8 +34,8 @@ EMBEDDED_MODELS = ("tiny-llava", "tiny-llava-next", "tiny-onevision", "tiny-qwen
 def shapes_items(count: int, split: str = "test", task: ShapesTask | None = None, images: bool = True) -> list[Item]:
     """``count`` items of a ShapesVQA split; ``images=False`` leaves ``image`` as ``None`` (for answer statistics)."""
     task = task or ShapesTask()
-    return [Item(Image.fromarray(s.image) if images else None, s.question, s.answer, s.qtype)
-            for s in task.iterate(split, count, render=images)]
+    return [Item(Image.fromarray(s.image) if images else None, s.question, s.answer, s.qtype, objects=s.objects,
+                 grid=(task.rows, task.cols)) for s in task.iterate(split, count, render=images)]
 
 
 def video_items(count: int, split: str, task: ShapesVideoTask) -> list[Item]:

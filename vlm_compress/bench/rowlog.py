@@ -51,8 +51,8 @@ class RowLog:
         self.path.write_text("".join(json.dumps(line) + "\n" for line in [lines[0], *self.records.values()]))
 
     @staticmethod
-    def key(method: str, budget: float) -> tuple[str, float]:
-        return method, float(budget)
+    def key(method: str, budget: float | str) -> tuple[str, float | str]:
+        return method, budget if isinstance(budget, str) else float(budget)  # "auto": a budget of its own
 
     def done(self, method: str, budget: float) -> dict[str, Any] | None:
         """The measured record of (method, budget), if this file has one."""

@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
-from .. import compress, list_methods, restore
+from .. import compress, get_method, list_methods, restore
 from ..adapters import get_adapter
 from ..modules.pmod import is_pmod_checkpoint, load_pmod_model, pmod_base
 from ..pruners.pmod import EMBEDDED_ROUTERS
 from ..stats import prompt_costs
 from .video_task import ShapesVideoTask
 from .data import ASSETS, EMBEDDED_MODELS, Item, answer_prior, jsonl_items, shapes_items, task_for, video_items
+from .oracle import OraclePruner, asked_objects, object_boxes
 from .rowlog import RowLog, SettingsMismatch
 from .timing import PeakMemory, decode_ms_per_token, machine_description, timed
 
@@ -39,8 +40,13 @@ BUDGETS = (1.0, 0.5, 0.33, 0.22, 0.11)
 # every encoder method, then the in-LLM and decode ones (MustDrop also as its three stages stacked); FastV also at
 # K=1, which the 4-layer embedded LLMs need to reach budgets below 0.5 (budgets a method cannot reach are skipped,
 # with the reason, in the JSON)
-IN_LLM_METHODS = ("fastv", "fastv:layer=1", "mustdrop_llm", "mustdrop+mustdrop_llm", "atp", "atp:heads=None", "h2o")
-DEFAULT_METHODS = [*(m for m in list_methods("encoder") if m != "quota"), *IN_LLM_METHODS]
+IN_LLM_METHODS = ("fastv", "fastv:layer=1", "dart", "dart:layer=1", "mustdrop_llm", "mustdrop+mustdrop_llm", "atp",
+                  "atp:heads=None", "h2o")
+# the oracle ceiling first (bench/oracle.py: the tokens showing the objects a question names, then CLS attention)
+DEFAULT_METHODS = ["oracle", *(m for m in list_methods("encoder") if m != "quota"), *IN_LLM_METHODS]
+# budget="auto" (each image's count from the method's own scores) is one more row of every score-based method,
+# plotted at the mean budget it chose
+AUTO_BUDGET = "auto"
 # a video model: QuoTA against the uniform split of the same within-frame reduction (bilinear; cls_attn), the
 # baselines, QuoTA without its decoupling pass, and QuoTA with a separate image scorer as in the reference (the
 # embedded tiny-llava, asked in the presence wording it was trained on)
@@ -55,7 +61,7 @@ RESULTS = Path.cwd() / "eval" / "results"
 @dataclasses.dataclass
 class Row:
     method: str
-    budget: float
+    budget: float | str  # "auto": the method chose each image's count (layer_avg_visual_tokens holds the mean)
     accuracy: float
     accuracy_retained: float
     agreement: float
@@ -112,12 +118,12 @@ def method_arg(spec: str, budget: float | int) -> tuple[str | list, dict[str, An
     """
     if "+" not in spec:
         name, options = parse_method(spec)
+        if name == "oracle":
+            return OraclePruner(budget=budget, **options), {}
         return name, {"budget": budget, **options}
-    from .. import get_method
-
     parts = spec.split("+")
     share = budget ** (1 / len(parts)) if isinstance(budget, float) else budget
-    stack = []
+    stack: list = []
     for part in parts:
         name, options = parse_method(part)
         stack.append(get_method(name).create(budget=share, **options))
@@ -149,10 +155,17 @@ class Runner:
             inputs = self.processor(images=[i.image for i in items], text=text, return_tensors="pt", padding=True)
         return inputs.to(self.device)
 
-    def answers(self) -> tuple[list[str], dict[str, float]]:
-        """Greedy answers for all items, and the compression stats summed over batches (empty if uncompressed)."""
+    def one_by_one(self) -> "Runner":
+        """The same items at batch size 1 (the oracle's boxes are set per call)."""
+        return Runner(self.model, self.processor, self.items, self.prompt, 1, self.max_new_tokens)
+
+    def answers(self, before: Any = None) -> tuple[list[str], dict[str, float]]:
+        """Greedy answers for all items, and the compression stats summed over batches (empty if uncompressed).
+        ``before(items)`` runs before each batch with that batch's items."""
         out, totals = [], {}
-        for inputs in self.batches:
+        for start, inputs in zip(range(0, len(self.items), self.batch_size), self.batches):
+            if before is not None:
+                before(self.items[start : start + self.batch_size])
             width = inputs["input_ids"].shape[1]
             ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
             out += [normalise(t) for t in self.processor.batch_decode(ids[:, width:], skip_special_tokens=True)]
@@ -208,12 +221,21 @@ def _uncompress(model) -> None:
 
 def measure(runner: Runner, method: str, budget: float, repeats: int) -> dict[str, Any]:
     """One (method, budget): answers, summed costs and timings, as a JSON-able record."""
-    model = runner.model
+    model, before = runner.model, None
     if method != "none":
         stack, options = method_arg(method, budget)
         compress(model, method=stack, **options)
+        if isinstance(stack, OraclePruner):  # the attached copy reads the scene of each item, one at a time
+            oracle = model.compression.configs[0]
+
+            def before(items: list[Item]) -> None:
+                oracle.boxes = [object_boxes(asked_objects(i.question, i.objects, i.grid), i.grid) for i in items]
+
+            runner = runner.one_by_one()
     try:
-        answers, totals = runner.answers()
+        answers, totals = runner.answers(before)
+        if before is not None:
+            before(runner.items[:1])  # speed() runs the first item
         prefill_ms, decode_ms, peak = runner.speed(repeats)
     finally:
         _uncompress(model)
@@ -276,7 +298,13 @@ def run(args: argparse.Namespace, model_path: Path, stem: Path) -> dict[str, Any
         methods = [own, *(m for m in methods if m.split(":")[0] != "pmod")]
     configs, skipped, errors = [("none", 1.0)], {}, []
     for spec in methods:
-        for budget in budgets:
+        name = parse_method(spec.split("+")[0])[0]
+        if name == "oracle" and any(i.objects is None for i in items):
+            skipped[spec] = {"reason": "the oracle needs the scene's objects (ShapesVQA items)", "budgets": budgets}
+            continue
+        auto = ([AUTO_BUDGET] if "+" not in spec and name in list_methods("encoder") and get_method(name).supports_auto()
+                and not args.no_auto else [])
+        for budget in [*budgets, *auto]:
             try:  # e.g. AnyRes-only methods on LLaVA-1.5, weights trained for another model, FastV below K/L
                 method, options = method_arg(spec, budget)
                 restore(compress(model, method=method, **options))
@@ -398,12 +426,17 @@ def plot(result: dict[str, Any], stem: Path) -> list[Path]:
         return []
     rows = result["rows"]
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "none"]
+    full = rows[0]["layer_avg_visual_tokens"]
     paths = []
     for key, label, name in (("accuracy", "accuracy", "accuracy"), ("prefill_ms", "prefill ms (batch 1)", "prefill")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in methods:
-            pts = sorted((r["budget"], r[key]) for r in rows if r["method"] == method)
-            ax.plot(*zip(*pts), marker="o", label=method)
+            pts = sorted((r["budget"], r[key]) for r in rows if r["method"] == method and not isinstance(r["budget"], str))
+            line = ax.plot(*zip(*pts), marker="o", label=method)[0] if pts else None
+            for r in rows:  # budget="auto": one point at the mean share it chose
+                if r["method"] == method and isinstance(r["budget"], str):
+                    ax.plot(r["layer_avg_visual_tokens"] / full, r[key], marker="*", markersize=11, linestyle="none",
+                            color=line.get_color() if line else None, label=f"{method} @ auto" if not line else None)
         ax.axhline(rows[0][key], color="black", linestyle="--", linewidth=1, label="uncompressed")
         if key == "accuracy":
             ax.axhline(result["answer_prior"], color="gray", linestyle=":", linewidth=1, label="answer prior")
@@ -417,7 +450,37 @@ def plot(result: dict[str, Any], stem: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    paths.append(plot_frontier(result, stem, plt))
     return paths
+
+
+def plot_frontier(result: dict[str, Any], stem: Path, plt: Any) -> Path:
+    """Accuracy against layer-averaged visual tokens per image, every row of every method (``auto`` rows as stars,
+    the oracle dashed): where each method stands at equal cost."""
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in [m for m in dict.fromkeys(r["method"] for r in rows) if m != "none"]:
+        own = [r for r in rows if r["method"] == method]
+        pts = sorted((r["layer_avg_visual_tokens"], r["accuracy"]) for r in own if not isinstance(r["budget"], str))
+        style = {"linestyle": "--", "color": "black", "linewidth": 1.5} if method == "oracle" else {}
+        line = ax.plot(*zip(*pts), marker=".", label=method, **style)[0] if pts else None
+        for r in own:
+            if isinstance(r["budget"], str):
+                ax.plot(r["layer_avg_visual_tokens"], r["accuracy"], marker="*", markersize=11, linestyle="none",
+                        color=line.get_color() if line else None)
+    ax.axhline(rows[0]["accuracy"], color="gray", linestyle="--", linewidth=1, label="uncompressed")
+    ax.axhline(result["answer_prior"], color="gray", linestyle=":", linewidth=1, label="answer prior")
+    ax.set_xscale("log")
+    ax.set_xlabel("layer-averaged visual tokens per image (log)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{Path(result['model']).name}: accuracy frontier (stars: budget='auto')")
+    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    ax.grid(alpha=0.3)
+    path = stem.with_name(f"{stem.name}_frontier.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -442,6 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-auto", action="store_true",
+                        help="no budget='auto' row for the score-based encoder methods")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 40 samples (unless --samples), budgets 1.0 and 0.22, random and pool")
     parser.add_argument("--out", help="output stem (default: eval/results/bench_<model name>[_quick])")
@@ -450,9 +515,10 @@ def main(argv: list[str] | None = None) -> None:
                              "(rows that failed are run again)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.samples, args.budgets, args.repeats = args.samples or 40, [1.0, 0.22], 2
+        args.samples, args.budgets, args.repeats, args.no_auto = args.samples or 40, [1.0, 0.22], 2, True
         args.methods = [m for m in ("random", "pool") if m in (args.methods or DEFAULT_METHODS)] or args.methods[:2]
-    unknown = sorted({parse_method(part)[0] for m in args.methods or [] for part in m.split("+")} - set(list_methods()))
+    unknown = sorted({parse_method(part)[0] for m in args.methods or [] for part in m.split("+")}
+                     - {*list_methods(), "oracle"})
     if unknown:
         parser.error(f"unknown methods {unknown}; available: {list_methods()}")
     paths = [Path(p) for p in args.model] if args.model else [ASSETS / m for m in EMBEDDED_MODELS if (ASSETS / m).exists()]
