@@ -129,8 +129,8 @@ class EncoderStage:
     def _embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """``[T]`` token ids → ``[T, D]`` the LLM's input embeddings (no gradient)."""
         embedding = self.adapter.model.get_input_embeddings()
-        with torch.no_grad():
-            return embedding(ids.to(embedding.weight.device))
+        with torch.no_grad():  # ids stay on the prompt's device: an offloading hook (accelerate) moves them itself
+            return embedding(ids)
 
     def _capture(self) -> AttentionCapture:
         return self.adapter.capture(self._attention, self.pruner.needs_all_query_rows(), self._layers)
