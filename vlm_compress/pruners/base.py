@@ -131,6 +131,22 @@ class EncoderContext:
         return self.keep[0]
 
 
+def model_tokenizer(model: torch.nn.Module | None, path: str | None, needed_for: str, example: str) -> Any:
+    """The tokenizer in directory ``path``, else in the directory ``model`` was loaded from; a ``ValueError`` that
+    says what it is ``needed_for`` and shows the fix (``example``, a ``compress`` call with ``tokenizer=``)."""
+    from transformers import AutoTokenizer
+
+    if model is not None:
+        path = path or getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    try:
+        if not path:
+            raise OSError("the model was not loaded from a directory")
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{needed_for} and could not load one from {path!r} ({error}); pass "
+                         f"tokenizer='path/to/dir' (a directory with the tokenizer files), e.g. {example}") from None
+
+
 class ModelRunner:
     """Runs the model a pruner is attached to (or another one) *uncompressed*, for scoring passes (QuoTA's frame
     relevance and query decoupling), and keeps their cost: passes, wall time, tokens and a FLOPs estimate

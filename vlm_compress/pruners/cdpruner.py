@@ -71,7 +71,7 @@ import torch
 
 from ..budget import apportion
 from ..registry import register_method
-from .base import EncoderContext, EncoderPruner, EncoderSelection
+from .base import EncoderContext, EncoderPruner, EncoderSelection, model_tokenizer
 
 RESIDUAL_FLOOR = 1e-6  # relative to max_i L_ii: below it the kernel is exhausted (see the module docstring)
 QUESTION_END = ("ASSISTANT:", "[/INST]", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
@@ -183,8 +183,7 @@ class CDPrunerPruner(EncoderPruner):
         width = adapter.vision_feature_size
         if tower.vision_width != width:
             raise ValueError(self._width_error(tower.vision_width, width))
-        path = self.tokenizer or getattr(adapter.model.config, "_name_or_path", None) or None
-        self.__dict__["_llm_tokenizer"] = self._load_llm_tokenizer(path)
+        self.__dict__["_llm_tokenizer"] = self._load_llm_tokenizer(adapter.model)
 
     def _width_error(self, clip: int, model: int) -> str:
         return (f"cdpruner's text_encoder {self.text_encoder!r} is a CLIP whose vision tower is {clip} wide, but this "
@@ -199,24 +198,15 @@ class CDPrunerPruner(EncoderPruner):
             self.__dict__["_text_tower"] = cached
         return cached[1]
 
-    @staticmethod
-    def _load_llm_tokenizer(path: str | None) -> Any:
-        from transformers import AutoTokenizer
-
-        try:
-            if not path:
-                raise OSError("the model was not loaded from a directory")
-            return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"cdpruner with text_encoder decodes the question with the model's tokenizer and could not load one "
-                f"from {path!r} ({error}); pass tokenizer='path/to/dir' (a directory with the LLM's tokenizer files), "
-                "e.g. compress(model, 64, 'cdpruner', text_encoder=clip_dir, tokenizer=model_dir)") from None
+    def _load_llm_tokenizer(self, model: torch.nn.Module | None) -> Any:
+        return model_tokenizer(model, self.tokenizer,
+                               "cdpruner with text_encoder decodes the question with the model's tokenizer",
+                               "compress(model, 64, 'cdpruner', text_encoder=clip_dir, tokenizer=model_dir)")
 
     def llm_tokenizer(self) -> Any:
         cached = self.__dict__.get("_llm_tokenizer")
         if cached is None:
-            cached = self._load_llm_tokenizer(self.tokenizer)
+            cached = self._load_llm_tokenizer(None)
             self.__dict__["_llm_tokenizer"] = cached
         return cached
 
@@ -313,9 +303,16 @@ def _parts(layout, content: torch.Tensor) -> list[torch.Tensor]:
 # ---- CLIP text towers ----------------------------------------------------------------------------------------
 class _ClipRelevance:
     """A CLIP's two relevance embeddings: ``image_embeds(V [n, Dv]) → [n, C]`` and ``text_embeds(text) → [M, C]``
-    (one per segment of ``segment`` tokens); ``vision_width`` is ``Dv``."""
+    (one per segment of ``segment`` tokens); ``vision_width`` is ``Dv``; ``model`` the loaded CLIP module."""
 
     vision_width: int
+    model: torch.nn.Module
+
+    def _on(self, device: torch.device) -> Any:
+        """The CLIP, moved to ``device`` the first time it is needed there."""
+        if next(self.model.parameters()).device != device:
+            self.model.to(device)
+        return self.model
 
     def image_embeds(self, vision: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -341,11 +338,6 @@ class _HFClip(_ClipRelevance):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.vision_width = self.model.config.vision_config.hidden_size
         self.segment = self.model.config.text_config.max_position_embeddings
-
-    def _on(self, device: torch.device) -> Any:
-        if next(self.model.parameters()).device != device:
-            self.model.to(device)
-        return self.model
 
     @torch.no_grad()
     def image_embeds(self, vision: torch.Tensor) -> torch.Tensor:
@@ -374,11 +366,6 @@ class _OpenClip(_ClipRelevance):
                              "(OpenAI-style CLIP); this one has none (or attentional pooling)")
         self.vision_width = visual.ln_post.normalized_shape[0]
         self.segment = self.model.context_length
-
-    def _on(self, device: torch.device) -> Any:
-        if next(self.model.parameters()).device != device:
-            self.model.to(device)
-        return self.model
 
     @torch.no_grad()
     def image_embeds(self, vision: torch.Tensor) -> torch.Tensor:

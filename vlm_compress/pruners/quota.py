@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ..budget import apportion
 from ..registry import get_method, register_method
-from .base import EncoderContext, EncoderPruner, EncoderSelection, VideoContext
+from .base import EncoderContext, EncoderPruner, EncoderSelection, VideoContext, model_tokenizer
 
 # Step (i), query decoupling: the VLM itself, text only, turns the question into the physical entities it asks
 # about (reference: `quota_pipeline.py`, a 3-step chain of thought: need objects? -> object list -> filtered
@@ -215,23 +215,11 @@ class QuotaPruner(EncoderPruner):
             raise ValueError(f"'quota' assigns tokens over video frames; {type(adapter.model).__name__} takes no "
                              "videos (use it on LlavaOnevisionForConditionalGeneration)")
         self._inner.check(adapter)
-        self.__dict__["_tokenizer"] = self._load_tokenizer(adapter.model)
+        self.__dict__["_tokenizer"] = model_tokenizer(
+            adapter.model, self.tokenizer, "quota builds its scoring prompts with the model's tokenizer",
+            "compress(model, 0.1, 'quota', tokenizer=model_dir)")
         if self.scorer is not None:
             self.__dict__["_scorer"] = self._load_scorer(adapter.model)
-
-    def _load_tokenizer(self, model: torch.nn.Module) -> Any:
-        from transformers import AutoTokenizer
-
-        path = self.tokenizer or getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
-        try:
-            if not path:
-                raise OSError("the model was not loaded from a directory")
-            return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"quota builds its scoring prompts with the model's tokenizer and could not load one from "
-                f"{path!r} ({error}); pass tokenizer='path/to/dir' (a directory with the tokenizer files), e.g. "
-                f"compress(model, 0.1, 'quota', tokenizer=model_dir)") from None
 
     def _load_scorer(self, model: torch.nn.Module) -> "_ImageScorer":
         """The scorer VLM and its processor, and how to turn this model's frames back into pixels (its video
