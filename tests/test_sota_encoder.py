@@ -105,13 +105,13 @@ def test_cdpruner_relevance_from_llm_embeddings():
     ids = [torch.tensor([3, 7, 1]), torch.tensor([], dtype=torch.long)]
     ctx = context(feats, 3, ids, lambda t: table[t])
     sel = CDPrunerPruner(budget=3).select(ctx)
-    rel0 = relevance_from_cosines(unit(feats[0]) @ unit(table[ids[0]]).T, negate=False)
+    rel0 = relevance_from_cosines(unit(feats[0]) @ unit(table[ids[0]]).T, negate=True)  # the official sign
     assert sel.kept_index[0].tolist() == dpp_select(feats[0], rel0, 3).sort().values.tolist()
     # no text after the image: uniform relevance, pure diversity over the cosine kernel
     assert sel.kept_index[1].tolist() == dpp_select(feats[1], torch.ones(6), 3).sort().values.tolist()
-    official = CDPrunerPruner(budget=3, negate=True).select(ctx)
-    rel_neg = relevance_from_cosines(unit(feats[0]) @ unit(table[ids[0]]).T, negate=True)
-    assert official.kept_index[0].tolist() == dpp_select(feats[0], rel_neg, 3).sort().values.tolist()
+    flipped = CDPrunerPruner(budget=3, negate=False).select(ctx)
+    rel_pos = relevance_from_cosines(unit(feats[0]) @ unit(table[ids[0]]).T, negate=False)
+    assert flipped.kept_index[0].tolist() == dpp_select(feats[0], rel_pos, 3).sort().values.tolist()
     # hand-built contexts without the text fields: uniform
     assert CDPrunerPruner(budget=3).select(context(feats, 3)).kept_index[1].tolist() == sel.kept_index[1].tolist()
 
@@ -170,7 +170,7 @@ def test_cdpruner_reads_the_prompt_after_the_image(model, processor, images):
     with torch.no_grad():
         features = get_adapter(model).encode_images(one["pixel_values"])[0].features[0]
         text = model.get_input_embeddings()(instruction(one, model.config.image_token_id))
-    rel = relevance_from_cosines(unit(features) @ unit(text).T, negate=False)
+    rel = relevance_from_cosines(unit(features) @ unit(text).T, negate=True)
     expected = dpp_select(features, rel, 4).sort().values
     compress(model, budget=4, method="cdpruner")
     with torch.no_grad():

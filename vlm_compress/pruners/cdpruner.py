@@ -16,11 +16,13 @@ tokens as the official ``(rel − min + 1e-6) / (max − min)`` (:func:`relevanc
 
 * **default** (every model): the model's own LLM input embeddings of the prompt text after the image
   (``ctx.instruction_ids``; for LLaVA templates the question and ``ASSISTANT:``) against the projected tokens
-  ``e_i = F_i``. This is a deliberate difference: the official code needs a CLIP text tower (below). Sign: ``+cos``
-  by default (``negate=None`` → ``False``); the official minus sign was observed useful only in CLIP space (the
-  maintainer, issue #14: "an interesting phenomenon … only observed in CLIP"), and users report that it selects
-  the least relevant tokens (issues #19, #22). ``negate=True`` reproduces the official sign. A prompt with no text
-  after the image gets uniform relevance (pure DPP diversity over ``S``).
+  ``e_i = F_i``. This is a deliberate difference: the official code needs a CLIP text tower (below). Sign: the
+  official ``−cos`` here too (``negate=True``). The maintainer calls the inversion "an interesting phenomenon …
+  only observed in CLIP" (issue #14) and users report that it keeps the least relevant tokens (issues #19, #22),
+  so ``+cos`` (``negate=False``) was a candidate default in the LLM space; on the embedded tiny-llava the official
+  sign wins by far (0.695 against 0.328 at budget 0.11, 0.792 against 0.477 at 0.5;
+  ``eval/results/frontier_tiny-llava.md``). A prompt with no text after the image gets uniform relevance (pure
+  DPP diversity over ``S``).
 * ``text_encoder=PATH`` (the official relevance): a local CLIP checkpoint, either a Hugging Face ``CLIPModel``
   folder (``config.json`` + weights + tokenizer files, e.g. a snapshot of ``openai/clip-vit-large-patch14-336``,
   LLaVA-1.5's tower) or an open_clip folder (``open_clip_config.json`` with ``model_cfg`` + ``open_clip_model.safetensors``,
@@ -33,8 +35,8 @@ tokens as the official ``(rel − min + 1e-6) / (max − min)`` (:func:`relevanc
   ``[/INST]``, ...) and with the answer-format phrases the official eval scripts strip (``drop_phrases``) removed;
   then the CLIP tokenizer with no truncation, zero-padded to a multiple of 77 (the text tower's
   ``max_position_embeddings``), one projected pooled embedding per 77-token segment (``text_embeds``; open_clip:
-  the same with its ``SimpleTokenizer``, other open_clip tokenizers truncate to the context length). Sign:
-  ``negate=None`` → ``True`` (the official ``−cos``). The tower is loaded once per pruner instance (at
+  the same with its ``SimpleTokenizer``, other open_clip tokenizers truncate to the context length). Sign: the
+  official ``−cos``. The tower is loaded once per pruner instance (at
   ``compress``) and shared by copies. An empty question gets uniform relevance.
 
 Budget: ``k = ctx.uniform_keep()`` tokens per image (an int budget of 64 is the paper's "64"; ``budget="auto"`` is
@@ -154,10 +156,9 @@ class CDPrunerPruner(EncoderPruner):
         metadata={"help": "With text_encoder: directory of the LLM's tokenizer, to decode the question from the "
                   "prompt ids; default: the directory the model was loaded from."},
     )
-    negate: bool | None = dataclasses.field(
-        default=None,
-        metadata={"help": "Relevance sign: True = the official -cos (observed in CLIP space, issue #14), False = "
-                  "+cos; None: True with text_encoder, False with the LLM embeddings."},
+    negate: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "Relevance sign: True = the official -cos (the maintainer, issue #14), False = +cos."},
     )
     question_end: tuple[str, ...] = dataclasses.field(
         default=QUESTION_END,
@@ -172,7 +173,7 @@ class CDPrunerPruner(EncoderPruner):
     @property
     def sign(self) -> bool:
         """Whether the relevance uses ``−cos``."""
-        return self.negate if self.negate is not None else self.text_encoder is not None
+        return self.negate
 
     # ---- set-up (text_encoder only) --------------------------------------------------------------------------
     def check(self, adapter) -> None:
