@@ -66,6 +66,16 @@ class TokenLayout:
         order = (self.cell[index, 0] * cols + self.cell[index, 1]).argsort()
         return index[order]
 
+    def sub_images(self) -> list[torch.Tensor]:
+        """Ascending token indices of each part selected on its own by per-sub-image methods (VisionZip, CDPruner),
+        newlines excluded: under AnyRes any prefix outside the grids, the thumbnail, then each crop (row-major; a crop
+        of padding only is absent); otherwise all the image's tokens as one part."""
+        content = (~self.newline).nonzero().squeeze(1)
+        if not self.is_anyres:
+            return [content]
+        key = self.partition[content] * (int(self.crop.max()) + 2) + self.crop[content]
+        return [content[key == value] for value in torch.unique(key).tolist()]
+
     def crop_extents(self) -> dict[int, tuple[int, int, int, int]]:
         """``{crop: (row0, row1, col0, col1)}``: the half-open block of the unpadded high-resolution grid each crop
         covers (edge crops lose what unpadding removed; a crop of padding only is absent)."""

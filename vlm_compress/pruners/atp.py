@@ -51,7 +51,7 @@ from ..budget import visual_share
 from ..modules.atp import ThresholdHeads
 from ..registry import register_method
 from .fastv import top_visual
-from .llm_base import PrefillContext, PrefillPruner, RowAttention
+from .llm_base import PrefillContext, PrefillPruner, LayerView
 from .mustdrop_llm import staged_counts
 
 EMBEDDED_HEADS = Path(__file__).resolve().parents[1] / "assets" / "tiny-llava-atp"
@@ -186,7 +186,7 @@ class ATPPruner(PrefillPruner):
             ctx.extras["atp_counts"] = staged_counts(ctx.visual_alive, ctx.extras["atp_share"], first_drop,
                                                      ctx.num_layers)
 
-    def scores(self, ctx: PrefillContext, attention: RowAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, ctx: PrefillContext, attention: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
         """(S_self, S_cross), each [B, S] in [0, 1] over the alive visual tokens (0 elsewhere)."""
         alive = ctx.alive & ctx.visual
         text = ctx.text_after_image
@@ -203,7 +203,7 @@ class ATPPruner(PrefillPruner):
                              ctx.extras["atp_share"].to(alive)], dim=1)
         return self.module().to(stats.device)(layer, stats).float()
 
-    def after_layer(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
+    def after_layer(self, layer: int, ctx: PrefillContext, attention: LayerView) -> None:
         if bool((ctx.extras["atp_share"] >= 1.0).all()) and not self.soft:
             return  # a full budget keeps every token: nothing to score
         s_self, s_cross = self.scores(ctx, attention)

@@ -276,7 +276,7 @@ class CDPrunerPruner(EncoderPruner):
             extra = layout.newline.nonzero().squeeze(1)[: keep - content.numel()]
             index = torch.cat([content, extra]).sort().values.to(device)
             return EncoderSelection.from_indices(features, index.expand(features.shape[0], -1))
-        parts = _parts(layout, content)  # positions into `content`
+        parts = [torch.searchsorted(content, p) for p in layout.sub_images()]  # positions into `content`
         counts = apportion(keep, [p.numel() for p in parts], [p.numel() for p in parts]) if len(parts) > 1 else [keep]
         content_dev = content.to(device)
         chosen = []
@@ -290,15 +290,6 @@ class CDPrunerPruner(EncoderPruner):
                         picks.append(part[dpp_select(x[part], rel[part], count)])
                 chosen.append(content_dev[torch.cat(picks)].sort().values)
         return EncoderSelection.from_indices(features, torch.stack(chosen))
-
-
-def _parts(layout, content: torch.Tensor) -> list[torch.Tensor]:
-    """The groups a DPP runs within, as positions into ``content`` [n]: the whole image, or under AnyRes each
-    (partition, crop) group (thumbnail, then each crop), in that order."""
-    if not layout.is_anyres:
-        return [torch.arange(content.numel())]
-    key = layout.partition[content] * (layout.crop.max() + 2) + layout.crop[content] + 1
-    return [(key == value).nonzero().squeeze(1) for value in torch.unique(key).tolist()]
 
 
 # ---- CLIP text towers ----------------------------------------------------------------------------------------

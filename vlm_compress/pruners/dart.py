@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from ..budget import ratio_budget_count
 from ..registry import register_method
-from .fastv import fastv_keep_fraction
+from .fastv import check_drop_layer
 from .llm_base import LayerView, PrefillContext, PrefillPruner
 
 
@@ -133,13 +133,7 @@ class DARTPruner(PrefillPruner):
     )
 
     def check(self, num_layers: int) -> None:
-        if not 1 <= self.layer < num_layers:
-            raise ValueError(f"dart layer K must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {self.layer}")
-        if self.per_pivot is None and isinstance(self.budget, float) and fastv_keep_fraction(self.budget, self.layer, num_layers) < 0:
-            raise ValueError(
-                f"budget {self.budget} is below what DART at K={self.layer} can reach on a {num_layers}-layer LLM "
-                f"(minimum {self.layer / num_layers:.3f}: layers before K see every token); lower `layer` or raise the budget"
-            )
+        check_drop_layer("dart", self.layer, self.budget if self.per_pivot is None else None, num_layers)
 
     def scoring_layers(self, num_layers: int) -> tuple[int, ...]:
         return (self.layer - 1,)

@@ -18,12 +18,25 @@ import torch
 
 from ..budget import ratio_budget_count
 from ..registry import register_method
-from .llm_base import PrefillContext, PrefillPruner, RowAttention
+from .llm_base import PrefillContext, PrefillPruner, LayerView
 
 
 def fastv_keep_fraction(budget: float, layer: int, num_layers: int) -> float:
     """Share of visual tokens kept after layer ``layer`` so the layer-averaged share is ``budget``."""
     return (budget * num_layers - layer) / (num_layers - layer)
+
+
+def check_drop_layer(name: str, layer: int, budget: float | int | None, num_layers: int) -> None:
+    """Raise a ``ValueError`` naming the fix when a method that drops once at layer ``K = layer`` cannot run on a
+    ``num_layers``-layer LLM: K outside ``[1, L−1]``, or a float ``budget`` below ``K/L`` (the layers before K see
+    every token). ``budget=None``: the count is not budget-driven (an explicit ratio or per-pivot count)."""
+    if not 1 <= layer < num_layers:
+        raise ValueError(f"{name} layer K must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {layer}")
+    if isinstance(budget, float) and fastv_keep_fraction(budget, layer, num_layers) < 0:
+        raise ValueError(
+            f"budget {budget} is below what {name} at K={layer} can reach on a {num_layers}-layer LLM "
+            f"(minimum {layer / num_layers:.3f}: layers before K see every token); lower `layer` or raise the budget"
+        )
 
 
 def top_visual(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -46,15 +59,9 @@ class FastVPruner(PrefillPruner):
     )
 
     def check(self, num_layers: int) -> None:
-        if not 1 <= self.layer < num_layers:
-            raise ValueError(f"fastv layer K must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {self.layer}")
         if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"fastv ratio must be in [0, 1], got {self.ratio}")
-        if self.ratio is None and isinstance(self.budget, float) and fastv_keep_fraction(self.budget, self.layer, num_layers) < 0:
-            raise ValueError(
-                f"budget {self.budget} is below what FastV at K={self.layer} can reach on a {num_layers}-layer LLM "
-                f"(minimum {self.layer / num_layers:.3f}: layers before K see every token); lower `layer` or raise the budget"
-            )
+        check_drop_layer("fastv", self.layer, self.budget if self.ratio is None else None, num_layers)
 
     def scoring_layers(self, num_layers: int) -> tuple[int, ...]:
         return (self.layer - 1,)
@@ -66,7 +73,7 @@ class FastVPruner(PrefillPruner):
             return torch.round(visual * (1.0 - self.ratio)).long()
         return ratio_budget_count(self.budget, visual, ctx.images, self.layer, ctx.num_layers)
 
-    def after_layer(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
+    def after_layer(self, layer: int, ctx: PrefillContext, attention: LayerView) -> None:
         scores = attention(ctx.last_token)[:, 0]
         keep = top_visual(scores, ctx.alive & ctx.visual, self.kept_counts(ctx))
         ctx.alive = (ctx.alive & ~ctx.visual) | keep

@@ -24,7 +24,7 @@ import torch
 
 from ..registry import register_method
 from .fastv import top_visual
-from .llm_base import DecodePolicy, PrefillContext, RowAttention
+from .llm_base import DecodePolicy, PrefillContext, LayerView
 
 
 @register_method("h2o")
@@ -34,7 +34,7 @@ class HeavyHitterPolicy(DecodePolicy):
 
     window: int = dataclasses.field(default=0, metadata={"help": "Recent prompt positions never evicted.", "range": (0, None)})
 
-    def observe(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
+    def observe(self, layer: int, ctx: PrefillContext, attention: LayerView) -> None:
         scores = ctx.extras.setdefault("h2o", {})
         scores[layer] = attention(ctx.text_after_image | ctx.last_token).sum(dim=1)  # [B, S]
 

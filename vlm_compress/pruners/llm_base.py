@@ -77,8 +77,6 @@ class LayerView(Protocol):
         before the LM head)."""
 
 
-RowAttention = LayerView  # the earlier name (a plain callable rows → [B, R, S]); calling a view still gives that
-
 
 @dataclasses.dataclass
 class PrefillPruner(MethodConfig):

@@ -31,7 +31,7 @@ from .. import compat
 from ..budget import visual_share
 from ..registry import register_method
 from .fastv import top_visual
-from .llm_base import PrefillContext, PrefillPruner, RowAttention
+from .llm_base import PrefillContext, PrefillPruner, LayerView
 
 MODES = ("budget", "official")
 # target layer-averaged share of 576 tokens → (global_thr, individual_thr), scripts/v1_5/eval/*.sh
@@ -111,7 +111,7 @@ class MustDropLLMPruner(PrefillPruner):
         ctx.extras["mustdrop_counts"] = staged_counts(visual, shares, first_drop, ctx.num_layers)
         ctx.extras["mustdrop_stage"] = 0
 
-    def after_layer(self, layer: int, ctx: PrefillContext, attention: RowAttention) -> None:
+    def after_layer(self, layer: int, ctx: PrefillContext, attention: LayerView) -> None:
         rows = attention(ctx.text_after_image)  # [B, T, S]
         global_score, individual = rows.sum(dim=1), rows.amax(dim=1)
         alive = ctx.alive & ctx.visual

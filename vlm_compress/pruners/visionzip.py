@@ -64,12 +64,10 @@ class VisionZipPruner(EncoderPruner):
 
     def parts(self, ctx: EncoderContext) -> list[torch.Tensor]:
         """Token indices ``[n_p]`` of each part selected on its own, newlines excluded: the sub-images (thumbnail,
-        then each crop) under AnyRes with ``per_crop``, else all content tokens."""
-        layout = ctx.layout
-        if self.per_crop and layout.is_anyres:
-            crops = [c for c in layout.crop.unique().tolist() if c >= 0]
-            return [layout.tokens_of(0), *((layout.crop == c).nonzero().squeeze(1) for c in crops)]
-        return [(~layout.newline).nonzero().squeeze(1)]
+        then each crop) under AnyRes with ``per_crop`` (:meth:`TokenLayout.sub_images`), else all content tokens."""
+        if self.per_crop:
+            return ctx.layout.sub_images()
+        return [(~ctx.layout.newline).nonzero().squeeze(1)]
 
     def token_scores(self, ctx: EncoderContext) -> torch.Tensor:
         """``[I, N]`` the CLS attention that picks dominant tokens (newlines -inf)."""
