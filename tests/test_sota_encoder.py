@@ -1,4 +1,5 @@
-"""DivPrune and CDPruner: hand-checked cases of the reference (sota-methods.md §1, §2), then the stock models."""
+"""DivPrune, CDPruner and SCOPE: hand-checked cases of the reference (sota-methods.md §1, §2, §4), then the stock
+models."""
 
 import json
 import math
@@ -15,12 +16,13 @@ from vlm_compress.budget import apportion, tokens_to_keep
 from vlm_compress.pruners.base import EncoderContext
 from vlm_compress.pruners.cdpruner import CDPrunerPruner, dpp_greedy, dpp_select, relevance_from_cosines, unit
 from vlm_compress.pruners.divprune import DivPrunePruner, max_min_diversity
+from vlm_compress.pruners.scope import ScopePruner, coverage_greedy
 from vlm_compress.testing import (
     LlavaDims, build_llava_next, build_next_processor, build_onevision, build_onevision_processor, build_qwen,
     build_qwen_processor, random_images,
 )
 
-METHODS = ["divprune", "cdpruner"]
+METHODS = ["divprune", "cdpruner", "scope"]
 # the reference's four tokens (§1 and §2 "Smallest CPU test")
 X = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.0, 1.0, 0.0], [0.6, 0.6, 0.5]])
 
@@ -116,9 +118,45 @@ def test_cdpruner_relevance_from_llm_embeddings():
     assert CDPrunerPruner(budget=3).select(context(feats, 3)).kept_index[1].tolist() == sel.kept_index[1].tolist()
 
 
+# ---- SCOPE: the formula ------------------------------------------------------------------------------------------
+def test_scope_reference_case():
+    saliency = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    # step gains (column sums of max(0, S)) × a = (.2604, 1.1045, .3417, .8656) → 1; then (.0005, -, .1801, .2529)
+    # → 3; then (.0005, -, .0782, -) → 2 (§4)
+    assert coverage_greedy(X, saliency, 3).tolist() == [1, 3, 2]
+    # "add": gains + a. Step 0: column sums (2.604, 2.761, 1.708, 2.885) + a → 3 (3.185); the rest by hand below
+    similarity = unit(X) @ unit(X).T
+    covered, order = torch.zeros(4), []
+    for _ in range(3):
+        score = (similarity - covered[:, None]).clamp_min(0).sum(0) + saliency
+        score[order] = float("-inf")
+        j = int(score.argmax())
+        order.append(j)
+        covered = torch.maximum(covered, similarity[j])
+    assert coverage_greedy(X, saliency, 3, combine="add").tolist() == order and order[0] == 3
+    # α = 0: saliency plays no part, pure coverage (the most central token first)
+    assert coverage_greedy(X, saliency, 1, alpha=0.0).tolist() == [3]
+
+
+def test_scope_through_the_stage_uses_tower_features_and_summed_cls_attention(model, processor, images):
+    one = single(processor, images, 1)
+    adapter = get_adapter(model)
+    compress(model, budget=5, method="scope")
+    with torch.no_grad():
+        model(**one)
+    kept = model.compression.last.selection.kept_index[0]
+    restore(model)
+    capture = adapter.capture({-2: adapter.vision_attention(-2)}, False, {})
+    with capture, torch.no_grad():
+        batch = adapter.encode_images(one["pixel_values"])[0]
+    ctx = EncoderContext(images=batch, keep=[5], image_index_in_prompt=[0], capture=capture)
+    saliency = ctx.cls_attention(-2, "sum", "probs")[0]
+    assert torch.equal(kept, coverage_greedy(batch.vision_features[0], saliency, 5).sort().values)
+
+
 def test_full_budget_keeps_everything_in_order():
     feats = torch.randn(2, 5, 3)
-    for pruner in (DivPrunePruner(budget=1.0), CDPrunerPruner(budget=1.0)):
+    for pruner in (DivPrunePruner(budget=1.0), CDPrunerPruner(budget=1.0), ScopePruner(budget=1.0)):
         sel = pruner.select(context(feats, 5))
         assert [k.tolist() for k in sel.kept_index] == [list(range(5))] * 2
         assert torch.equal(torch.stack(sel.features), feats)
@@ -203,20 +241,24 @@ def test_next_counts_parts_and_newlines(next_setup):
             divprune = model.compression.last.selection.kept_index
             assert model.compression.stats.kept_per_image == [tokens_to_keep(budget, b.layout.num_tokens) for b in batches]
             restore(model)
-            compress(model, budget, "cdpruner")
-            model(**inputs)
-            kept = model.compression.last.selection.kept_index
-            assert model.compression.stats.kept_per_image == [tokens_to_keep(budget, b.layout.num_tokens) for b in batches]
-            assert model.compression.stats.newlines_kept == 0
-            restore(model)
-            for images, index, global_index in zip(batches, kept, divprune):
+            per_part = {}
+            for method in ("cdpruner", "scope"):
+                compress(model, budget, method)
+                model(**inputs)
+                per_part[method] = model.compression.last.selection.kept_index
+                assert model.compression.stats.kept_per_image == [tokens_to_keep(budget, b.layout.num_tokens)
+                                                                  for b in batches]
+                assert model.compression.stats.newlines_kept == 0
+                restore(model)
+            for images, index, scope, global_index in zip(batches, per_part["cdpruner"], per_part["scope"], divprune):
                 layout, k = images.layout, tokens_to_keep(budget, images.layout.num_tokens)
                 assert not layout.newline[index].any()  # cdpruner: newlines are never chosen
                 parts = [layout.tokens_of(0)] + [(layout.crop == c).nonzero().squeeze(1)
                                                  for c in sorted(set(layout.crop[layout.partition == 1].tolist()))]
                 sizes = [p.numel() for p in parts]
-                got = [int(torch.isin(index, p).sum()) for p in parts]
-                assert got == apportion(k, sizes, sizes)  # T split over thumbnail and crops by size
+                for chosen in (index, scope):  # T split over thumbnail and crops by size
+                    assert [int(torch.isin(chosen, p).sum()) for p in parts] == apportion(k, sizes, sizes)
+                assert not layout.newline[scope].any()
                 # divprune: global over the whole packed image, newlines included as candidates
                 expected = max_min_diversity(images.features[0], k).sort().values
                 assert torch.equal(global_index, expected)
