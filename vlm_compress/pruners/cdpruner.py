@@ -99,20 +99,20 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
     gains = diag.clone()
     rows = kernel.new_zeros(k, n)
     chosen = torch.zeros(n, dtype=torch.bool, device=kernel.device)
-    floor = RESIDUAL_FLOOR * float(diag.max().clamp_min(0))
+    floor = RESIDUAL_FLOOR * diag.max().clamp_min(0)
+    # no host sync in the loop: once the best gain is at the floor (or NaN), every later step takes the unchosen
+    # token with the largest diag L instead (gains only shrink, so the fallback never ends), with no update
     for i in range(k):
-        j = int(torch.argmax(gains))
-        best = float(gains[j])
-        if not best > floor:  # also catches NaN
-            rest = torch.sort(-diag.masked_fill(chosen, float("-inf")), stable=True).indices
-            order[i:] = rest[: k - i]
-            break
+        j = torch.argmax(gains)
+        best = gains[j]
+        greedy = best > floor
+        j = torch.where(greedy, j, torch.argmax(diag.masked_fill(chosen, float("-inf"))))
         order[i] = j
         chosen[j] = True
-        e = (kernel[j] - rows[:i, j] @ rows[:i]) / best ** 0.5
+        e = (kernel[j] - rows[:i, j] @ rows[:i]) / best.clamp_min(floor).clamp_min(1e-30).sqrt()
+        e = torch.where(greedy, e, torch.zeros_like(e))
         rows[i] = e
-        gains -= e * e
-        gains[chosen] = float("-inf")
+        gains = torch.where(greedy, gains - e * e, gains).masked_fill(chosen, float("-inf"))
     return order
 
 
