@@ -78,7 +78,7 @@ def test_features_and_sources_line_up(next_model, next_batch):
 def expected(method, budget, images):
     k = tokens_to_keep(budget, images.layout.num_tokens)
     if method in ("pool", "m3"):  # pooled grids may hold fewer (tested on their own in test_methods.py)
-        return get_method(method).create(budget=budget).output_count(k, images)
+        return get_method(method).create(budget=budget).output_count(k, images.layout)
     return k
 
 

@@ -22,8 +22,9 @@ from .ops import HeadReduce, ScoreKind, row_attention
 class AttentionCapture:
     """Context manager capturing queries and keys of some attention modules during one tower forward.
 
-    attention_modules: ``{layer_index: attention module}``; each module must have ``q_proj``, ``k_proj``,
-    ``num_heads``, ``head_dim`` and ``scale``. ``layer_modules``: ``{layer_index: encoder layer}`` whose output
+    attention_modules: ``{layer_index: attention module}``; each module must have ``q_proj`` and ``k_proj`` (or one
+    fused ``qkv_proj`` whose output is ``[q | k | v]``, as vLLM's CLIP attention has), ``num_heads``, ``head_dim``
+    and ``scale``. ``layer_modules``: ``{layer_index: encoder layer}`` whose output
     hidden states to keep (``hidden_states[layer]``). Hooks exist only inside the ``with`` block.
     """
 
@@ -40,6 +41,9 @@ class AttentionCapture:
 
     def __enter__(self) -> "AttentionCapture":
         for layer, attn in self.modules.items():
+            if not hasattr(attn, "q_proj") and hasattr(attn, "qkv_proj"):
+                self._handles.append(attn.qkv_proj.register_forward_hook(self._store_fused(layer)))
+                continue
             self._handles.append(attn.q_proj.register_forward_hook(self._store(self.queries, layer, query=True)))
             self._handles.append(attn.k_proj.register_forward_hook(self._store(self.keys, layer, query=False)))
         for layer, module in self.layer_modules.items():
@@ -58,6 +62,16 @@ class AttentionCapture:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             out = output.detach()
             bucket[layer] = out if (not query or self.all_query_rows) else out[:, :1].clone()
+
+        return hook
+
+    def _store_fused(self, layer: int):
+        """Hook of a fused ``qkv_proj`` (vLLM's linear layers return ``(output, bias)``): the q and k thirds."""
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            out = (output[0] if isinstance(output, tuple) else output).detach()
+            q, k, _ = out.chunk(3, dim=-1)
+            self.queries[layer] = q if self.all_query_rows else q[:, :1].clone()
+            self.keys[layer] = k
 
         return hook
 

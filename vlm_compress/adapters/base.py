@@ -181,9 +181,11 @@ class VideoBatch:
 
 
 def attention_of(block: nn.Module) -> nn.Module | None:
-    """The first submodule of a transformer block with ``q_proj`` and ``k_proj`` (its self-attention)."""
+    """The first submodule of a transformer block with ``q_proj`` and ``k_proj``, or a fused ``qkv_proj`` (vLLM's
+    towers), as its self-attention."""
     for module in block.modules():
-        if module is not block and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+        if module is not block and ((hasattr(module, "q_proj") and hasattr(module, "k_proj"))
+                                    or hasattr(module, "qkv_proj")):
             return module
     return None
 

@@ -15,7 +15,7 @@ import torch
 
 from .. import kernels
 from ..adapters.base import ImageBatch, TokenLayout, VideoBatch
-from ..budget import apportion
+from ..budget import apportion, is_auto, tokens_to_keep
 from ..config import MethodConfig
 from ..ops import HeadReduce, ScoreKind, gather_tokens
 from ..scoring import AttentionCapture
@@ -260,6 +260,20 @@ class EncoderSelection:
         return cls(features=list(kept.unbind(0)), kept_index=list(index.unbind(0)))
 
 
+def kept_count(pruner: "EncoderPruner", layout: TokenLayout, requested: int | None = None) -> int:
+    """Visual tokens an image laid out as ``layout`` comes out of ``pruner`` with: its budget in tokens
+    (:func:`~vlm_compress.budget.tokens_to_keep`, or ``requested`` when a budget was resolved per image, as
+    ``budget="auto"`` does), then the method's :meth:`EncoderPruner.output_count`. The one count function of the
+    toolkit: the HF encoder stage checks every selection against it and the vLLM plugin sizes its placeholders with
+    it (:mod:`vlm_compress.integrations.vllm`), so both paths agree by construction."""
+    if requested is None:
+        if is_auto(pruner.budget):
+            raise ValueError(f"budget={pruner.budget!r} gives each image the count its scores choose, known only after "
+                             "encoding; pass a float or int budget where counts must be fixed up front")
+        requested = tokens_to_keep(pruner.budget, layout.num_tokens)
+    return pruner.output_count(requested, layout)
+
+
 @dataclasses.dataclass
 class EncoderPruner(MethodConfig):
     """Encoder-stage method: choose or merge visual tokens before they enter the LLM."""
@@ -289,9 +303,16 @@ class EncoderPruner(MethodConfig):
         """Whether :meth:`select` reads attention rows other than CLS (full maps cost memory; say so only then)."""
         return False
 
-    def output_count(self, keep: int, images: ImageBatch) -> int:
-        """Tokens this method outputs for a budget of ``keep`` (a pooling grid may give fewer)."""
+    def output_count(self, keep: int, layout: TokenLayout) -> int:
+        """Tokens this method outputs for a budget of ``keep`` tokens of an image laid out as ``layout`` (a pooling
+        grid may give fewer). A pure function of its arguments: serving engines fix placeholder counts from it
+        before the image is encoded (:func:`kept_count`)."""
         return keep
+
+    def exact_count(self) -> bool:
+        """Whether :meth:`select` returns exactly :meth:`output_count` tokens for every image (``False`` for
+        data-dependent merging, :attr:`adaptive_count`); engines that fix counts up front (vLLM) need ``True``."""
+        return not self.adaptive_count
 
     def frame_counts(self, ctx: VideoContext) -> list[int]:
         """Tokens each frame of a video gets, summing to ``ctx.total`` (each at most the frame's count); frames

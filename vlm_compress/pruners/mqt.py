@@ -57,7 +57,7 @@ class MQTPruner(EncoderPruner):
             raise ValueError(f"the resampler at {self.resampler} maps {config.kv_dim} → {config.embed_dim} features; "
                              f"this model needs {vision} → {text}: pass resampler=PATH trained for it")
 
-    def output_count(self, keep: int, images) -> int:
+    def output_count(self, keep: int, layout) -> int:
         return min(keep, self.module().config.num_queries)
 
     def select(self, ctx: EncoderContext) -> EncoderSelection:

@@ -9,7 +9,9 @@ key rate 0.08, layers 0 and 23 of 24.
 
 As an encoder-stage method alone it meets the budget like the others: if more tokens than the budget remain after
 merging, the non-key tokens with the lowest CLS attention are dropped (newlines first); if fewer remain, fewer
-are kept (the count is adaptive, as in the paper). Differences from the official code, each deliberate:
+are kept (the count is adaptive, as in the paper). With ``fixed_count=True`` (set by the vLLM plugin, whose
+placeholder counts are fixed before the image is encoded) only the most similar windows above the threshold are
+merged, as many as keep the survivors at or above the budget, so every image comes out with exactly the budget. Differences from the official code, each deliberate:
 
 * Merging is applied to the feature-layer outputs, windows chosen by layer-0 similarity; the official code merges
   layer-0 hidden states and runs the rest of the tower on the shorter sequence (that would mean replacing the
@@ -48,6 +50,12 @@ class MustDropPruner(EncoderPruner):
     merge_layer: int = dataclasses.field(default=0, metadata={"help": "ViT layer whose outputs decide merges (official: 0)."})
     key_layer: int = dataclasses.field(default=-1, metadata={"help": "ViT layer of the key-set CLS attention (official: last)."})
     key_rate: float = dataclasses.field(default=0.08, metadata={"help": "Share of tokens in the protected key set.", "range": (0, 1)})
+    fixed_count: bool = dataclasses.field(default=False, metadata={
+        "help": "Always output exactly the budget: merge the most similar windows only while the survivors stay at or "
+                "above it (what serving engines that fix placeholder counts up front need; the vLLM plugin sets it)."})
+
+    def exact_count(self) -> bool:
+        return self.fixed_count
 
     def attention_layers(self) -> tuple[int, ...]:
         return (self.key_layer,)
@@ -90,8 +98,14 @@ class MustDropPruner(EncoderPruner):
             score = scores[i].clone()
             if windows:
                 index = torch.stack(windows)  # [W, window²]
-                merged, _, means = kernels.window_merge(vision[i : i + 1], hidden[i : i + 1], index, self.threshold)
-                for w in merged[0].nonzero().flatten().tolist():
+                merged, similarity, means = kernels.window_merge(vision[i : i + 1], hidden[i : i + 1], index,
+                                                                 self.threshold)
+                chosen_windows = merged[0].nonzero().flatten()
+                if self.fixed_count:  # the most similar first, while the survivors stay >= keep
+                    room = max(n - keep, 0) // (self.window**2 - 1) if self.window > 1 else 0
+                    order = similarity[0, chosen_windows].float().argsort(descending=True, stable=True)
+                    chosen_windows = chosen_windows[order[:room]].sort().values
+                for w in chosen_windows.tolist():
                     members = index[w]
                     target = int(members[-1])
                     slot_of[members] = target

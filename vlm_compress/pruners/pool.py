@@ -32,8 +32,7 @@ class PoolPruner(EncoderPruner):
         content, total = max(keep - prefix, len(sizes)), sum(sizes.values())
         return [(p, pooled_grid_shape(max(content * n // total, 1), layout.grids[p])) for p, n in sizes.items()]
 
-    def output_count(self, keep: int, images) -> int:
-        layout = images.layout
+    def output_count(self, keep: int, layout) -> int:
         if keep >= layout.num_tokens:
             return layout.num_tokens
         prefix = int(((layout.partition == OUTSIDE) & ~layout.newline).sum())

@@ -321,10 +321,10 @@ class QuotaPruner(EncoderPruner):
         ctx.frame_scores = scores
         return assign_counts(scores, ctx.total, ctx.tokens_per_frame, self.weight_scale, self.weight_power)
 
-    def output_count(self, keep: int, images) -> int:
-        if self.within == "bilinear" and not images.layout.is_anyres:
+    def output_count(self, keep: int, layout) -> int:
+        if self.within == "bilinear" and not layout.is_anyres:
             return keep
-        return self._inner.output_count(keep, images)
+        return self._inner.output_count(keep, layout)
 
     def select(self, ctx: EncoderContext) -> EncoderSelection:
         layout = ctx.layout

@@ -22,7 +22,7 @@ import torch
 
 from ..adapters.base import Adapter, ImageBatch, VideoBatch
 from ..budget import auto_count, auto_mass, is_auto, tokens_to_keep
-from ..pruners.base import EncoderContext, EncoderPruner, EncoderSelection, ModelRunner, VideoContext
+from ..pruners.base import EncoderContext, EncoderPruner, EncoderSelection, ModelRunner, VideoContext, kept_count
 from ..scoring import AttentionCapture
 from ..stats import CompressionStats, prompt_costs
 
@@ -325,7 +325,7 @@ class EncoderStage:
                 images = whole  # one adapter batch, in order (LLaVA-1.5): no copy
             else:
                 images = ImageBatch.cat([units[i].batch.rows([units[i].row]) for i in members])
-            count = self.pruner.output_count(first.requested, images)
+            count = kept_count(self.pruner, images.layout, first.requested)
             ctx = EncoderContext(images=images, keep=[count] * len(members),
                                  image_index_in_prompt=[units[i].rank for i in members], capture=first.capture,
                                  requested=[first.requested] * len(members),
@@ -334,7 +334,7 @@ class EncoderStage:
             chosen = self.pruner.select(ctx)
             for j, i in enumerate(members):
                 got = chosen.features[j].shape[0]
-                if got > count or (got < count and not self.pruner.adaptive_count) or got == 0:
+                if got > count or (got < count and self.pruner.exact_count()) or got == 0:
                     raise RuntimeError(f"{self.pruner.name} returned {got} tokens for image {i}, expected {count}")
                 out[i] = _Chosen(chosen.features[j], chosen.kept_index[j],
                                  chosen.merged_into[j] if chosen.merged_into is not None else None,
