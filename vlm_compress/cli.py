@@ -1,11 +1,12 @@
 """``vlm-compress``: the console command. ``vlm-compress demo [...]`` starts the Gradio demo, ``vlm-compress bench
-[...]`` runs the benchmark."""
+[...]`` runs the benchmark, ``vlm-compress export-vllm SRC DST --method M --budget B`` writes a checkpoint that
+``vllm serve`` runs compressed (:mod:`vlm_compress.integrations.vllm`)."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("demo", "bench")
+COMMANDS = ("demo", "bench", "export-vllm")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> None:
         from .demo.app import main as demo
 
         demo(rest)
+    elif command == "export-vllm":
+        from .integrations.vllm import main as export
+
+        export(rest)
     else:
         from .bench.run import main as bench
 

@@ -24,6 +24,7 @@ encoding).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -103,19 +104,41 @@ def vllm_overrides(model: str | Path, method: str, budget: float | int, **option
     return {"architectures": [architecture_for(config)], CONFIG_KEY: method_spec(method, budget, **options)}
 
 
+TOWER_KEY = re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)")
+
+
+def copy_for_vllm(src: str | Path, dst: str | Path) -> Path:
+    """Copy checkpoint folder ``src`` to ``dst`` with the tower's weights renamed from what recent transformers write
+    (``vision_tower.*``) to what vLLM 0.32 loads (``vision_tower.vision_model.*``); other files as they are. The
+    plugin's models accept both namings; stock vLLM needs this copy."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise ValueError("pass a DST folder other than SRC (a copy is written)")
+    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
+    for weights in src.glob("*.safetensors"):
+        tensors = load_file(weights)
+        save_file({TOWER_KEY.sub(r"\1vision_model.", k): v.contiguous() for k, v in tensors.items()},
+                  dst / weights.name, metadata={"format": "pt"})
+    index = dst / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {TOWER_KEY.sub(r"\1vision_model.", k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2) + "\n")
+    return dst
+
+
 def export_vllm(src: str | Path, dst: str | Path, method: str, budget: float | int, **options: Any) -> Path:
-    """Copy checkpoint folder ``src`` to ``dst`` with the plugin's architecture and the method config in its
-    ``config.json``, so ``vllm serve dst`` runs compressed. Weights are copied as they are: the plugin's models map
-    the tower keys recent transformers write (``vision_tower.*``) onto vLLM's (``vision_tower.vision_model.*``)."""
+    """Copy checkpoint folder ``src`` to ``dst`` (tower keys renamed for vLLM, :func:`copy_for_vllm`) with the
+    plugin's architecture and the method config in its ``config.json``, so ``vllm serve dst`` runs compressed."""
     src, dst = Path(src), Path(dst)
     config_path = src / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{src} has no config.json; pass a checkpoint folder (save_pretrained output)")
     config = json.loads(config_path.read_text())
     overrides = {"architectures": [architecture_for(config)], CONFIG_KEY: method_spec(method, budget, **options)}
-    if dst.resolve() == src.resolve():
-        raise ValueError("export-vllm writes a copy; pass a DST folder other than SRC")
-    shutil.copytree(src, dst, dirs_exist_ok=True)
+    copy_for_vllm(src, dst)
     (dst / "config.json").write_text(json.dumps({**config, **overrides}, indent=2) + "\n")
     return dst
 

@@ -118,6 +118,9 @@ class _Compressing:
     def _setup_compression(self, vllm_config, prefix: str) -> None:
         config = self.config
         self.pruner = _pruner(config)
+        if self.pruner.requires_anyres and not isinstance(self, LlavaNextForConditionalGeneration):
+            raise ValueError(f"{self.pruner.name!r} needs AnyRes images (thumbnail + crops), which LLaVA-1.5 does not "
+                             f"have; serve a LLaVA-NeXT checkpoint, or pick a single-grid method such as 'cls_attn'")
         total = config.vision_config.num_hidden_layers
         wanted = [*self.pruner.attention_layers(), *self.pruner.hidden_state_layers(), config.vision_feature_layer]
         depth = max((layer % total) + 1 for layer in wanted)
