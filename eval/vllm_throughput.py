@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         configs = [("none", 1.0, plain, None)] + [(m, b, MODEL, vllm_overrides(MODEL, m, b))
                                                   for m in args.methods for b in args.budgets]
         for method, budget, path, overrides in configs:
-            llm = LLM(model=str(path), enforce_eager=True, max_model_len=512, dtype="float32", seed=0,
+            llm = LLM(model=str(path), enforce_eager=True, max_model_len=1024, dtype="float32", seed=0,
                       gpu_memory_utilization=0.15, limit_mm_per_prompt={"image": 1}, hf_overrides=overrides or {},
                       mm_processor_cache_gb=0)
             row = {"method": method, "budget": budget, **run(llm, requests, args.new_tokens, args.repeats)}

@@ -37,7 +37,8 @@ torch.set_num_threads(2)
 
 
 def engine(path: Path, **kwargs) -> LLM:
-    return LLM(model=str(path), enforce_eager=True, max_model_len=512, dtype="float32", seed=0,
+    length = 1024 if "next" in path.name else 512  # tiny-llava's positions end at 512; uncompressed NeXT needs 752
+    return LLM(model=str(path), enforce_eager=True, max_model_len=length, dtype="float32", seed=0,
                gpu_memory_utilization=0.15, limit_mm_per_prompt={"image": 1}, **kwargs)
 
 
