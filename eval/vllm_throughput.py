@@ -63,9 +63,9 @@ def run(llm: LLM, requests: list[dict], new_tokens: int, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.2, 0.1])
     parser.add_argument("--methods", nargs="+", default=["cls_attn", "hired"])
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "vllm_throughput"))
