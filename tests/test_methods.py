@@ -138,9 +138,9 @@ ANYRES_WHERE = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, -1, 6, 7, 10, 11, -1])  # f
 
 def anyres_context(keep, rows):
     """``rows``: [3, 5] CLS rows of the thumbnail and the two crops (CLS column first)."""
-    from vlm_compress.adapters.llava_next import _layout
+    from vlm_compress.adapters.llava_next import anyres_layout
 
-    layout = _layout(ANYRES_WHERE, per_tower=4, first_tower=0, side=2, crop_layout=(1, 2))
+    layout = anyres_layout(ANYRES_WHERE, per_tower=4, first_tower=0, side=2, crop_layout=(1, 2))
     n = layout.num_tokens
     source = torch.where(ANYRES_WHERE >= 0, (ANYRES_WHERE // 4) * 5 + 1 + ANYRES_WHERE % 4, -1)[None]
     features = torch.arange(float(n)).view(1, n, 1)

@@ -54,7 +54,7 @@ class LlavaNextAdapter(LlavaAdapter):
             where = where[:, 0].long().to(feats.device)  # [N] flat tower-token index, -1 for newlines
             crop_layout = tuple(get_anyres_image_grid_shape(image_sizes[i], config.image_grid_pinpoints,
                                                             config.vision_config.image_size))
-            layout = _layout(where, per_tower, int(starts[i]) // per_tower, side, crop_layout)
+            layout = anyres_layout(where, per_tower, int(starts[i]) // per_tower, side, crop_layout)
             source = torch.where(where >= 0, (where // per_tower) * (per_tower + tower_offset) + tower_offset
                                  + where % per_tower, torch.full_like(where, OUTSIDE))
             vision_features = vision_flat[where.clamp_min(0)] * (where >= 0)[:, None].to(vision_flat.dtype)
@@ -69,7 +69,8 @@ class LlavaNextAdapter(LlavaAdapter):
         return batches
 
 
-def _layout(where: torch.Tensor, per_tower: int, first_tower: int, side: int, crop_layout: tuple[int, int]) -> TokenLayout:
+def anyres_layout(where: torch.Tensor, per_tower: int, first_tower: int, side: int,
+                  crop_layout: tuple[int, int]) -> TokenLayout:
     """Layout of one packed image from its flat tower indices (``-1``: newline)."""
     where = where.cpu()
     n = where.shape[0]

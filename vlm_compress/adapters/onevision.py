@@ -25,7 +25,7 @@ import torch
 from .. import compat
 from .base import OUTSIDE, ImageBatch, TokenLayout, VideoBatch
 from .llava import LlavaAdapter, ProjectorInput
-from .llava_next import _layout
+from .llava_next import anyres_layout
 
 
 class OnevisionAdapter(LlavaAdapter):
@@ -77,7 +77,7 @@ class OnevisionAdapter(LlavaAdapter):
             w3 = w3.round().long()
             where = torch.where(w3[:, 0] >= 0, w3[:, 0] * per_tower + w3[:, 1] * side + w3[:, 2], -1).to(feats.device)
             crop_layout = tuple(get_grid_shape(image_sizes[i], config.image_grid_pinpoints, size)) if crops_per_image[i] > 1 else (0, 0)
-            layout = _layout(where, per_tower, starts[i], side, crop_layout)
+            layout = anyres_layout(where, per_tower, starts[i], side, crop_layout)
             source = torch.where(where >= 0, (where // per_tower) * (per_tower + tower_offset) + tower_offset
                                  + where % per_tower, torch.full_like(where, OUTSIDE))
             vision_features = vision_flat[where.clamp_min(0)] * (where >= 0)[:, None].to(vision_flat.dtype)

@@ -40,7 +40,7 @@ from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..adapters.base import OUTSIDE, ImageBatch, TokenLayout, attention_of, find_encoder_layers, has_class_token
-from ..adapters.llava_next import _layout as anyres_layout
+from ..adapters.llava_next import anyres_layout
 from ..pruners.base import EncoderContext, EncoderPruner, kept_count
 from ..scoring import AttentionCapture
 from .vllm import CONFIG_KEY, pruner_from_spec
