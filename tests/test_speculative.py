@@ -297,7 +297,8 @@ def test_guided_stream_combines_conditional_and_null_logits():
     model = tiny_gpt(1)
     guided = ModelStream(model, cfg_scale=3.0).start(torch.tensor([2]))
     cond, null = model(torch.tensor([[6 + 2]]))[0, -1], model(torch.tensor([[6 + 3]]))[0, -1]
-    assert torch.allclose(guided[0], null + 3.0 * (cond - null), atol=1e-5)
+    # logits reach ~500 at this scale: a relative tolerance (float32 sums differ by machine in the last bits)
+    torch.testing.assert_close(guided[0], null + 3.0 * (cond - null), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
