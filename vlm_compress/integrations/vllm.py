@@ -155,7 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option, value as JSON (e.g. --option layer=-3)")
     args = parser.parse_args(argv)
-    budget = int(args.budget) if args.budget.isdigit() else float(args.budget)
+    try:
+        budget = int(args.budget) if args.budget.isdigit() else float(args.budget)
+    except ValueError:
+        parser.error(f"--budget {args.budget!r}: a share of visual tokens (0.2) or a token count (64)")
     options = {}
     for item in args.option:
         key, sep, value = item.partition("=")
