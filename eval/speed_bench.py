@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm_compress import compress, list_methods, restore  # noqa: E402
 from vlm_compress.bench.run import method_arg  # noqa: E402
-from vlm_compress.bench.timing import PeakMemory, decode_ms_per_token, machine_description, timed  # noqa: E402
+from vlm_compress.bench.timing import PeakMemory, decode_step_ms, machine_description, timed  # noqa: E402
 from vlm_compress.stats import decode_flops, kv_entry_bytes, prefill_flops, vision_flops  # noqa: E402
 from vlm_compress.testing import (  # noqa: E402
     BENCH_DIMS, LLAVA_7B_DIMS, QWEN2_VL_7B_DIMS, QWEN_BENCH_DIMS, build_llava, build_llava_next, build_next_processor,
@@ -92,8 +92,9 @@ def main() -> None:
         with torch.no_grad():
             model(**inputs, use_cache=True, logits_to_keep=1)
 
-    def generate(tokens):
-        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    def generate(tokens, logits_processor):
+        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                       logits_processor=logits_processor)
 
     def encode():
         with torch.no_grad():
@@ -139,30 +140,45 @@ def main() -> None:
         growth = layers * n / 2  # the cache grows by one entry per layer and step: its mean over the timed steps
         if method == "none":
             info[(method, budget)] = dict(visual_tokens=grid_tokens, llm_tokens=prompt_len, peak=mem.peak,
-                                          layer_avg=grid_tokens, flops_llm=full_llm,
+                                          layer_avg=grid_tokens, flops_llm=full_llm, cache_len=prompt_len,
+                                          layer_tokens=[prompt_len] * layers,
                                           flops_decode=decode_flops(layers * prompt_len + growth, cfg.text_config))
         else:
             s = model.compression.stats  # in-LLM methods: FLOPs over their per-layer token counts
             entries = s.kv_cache_bytes / kv_entry_bytes(cfg.text_config, element)  # what decoding starts from
             info[(method, budget)] = dict(visual_tokens=s.visual_tokens_kept, llm_tokens=s.prompt_tokens_llm, peak=mem.peak,
                                           layer_avg=s.layer_avg_visual_tokens, flops_llm=s.prefill_flops,
+                                          cache_len=round(entries / layers), layer_tokens=layer_tokens(s, layers),
                                           flops_decode=decode_flops(entries + growth, cfg.text_config))
         remove(method)
-    references = sorted({v["llm_tokens"] for v in info.values()})
-    ref_ids = {n: torch.randint(10, len(tokenizer) - 1, (1, n), device=device) for n in references}
+    references = sorted({n for v in info.values() for n in v["layer_tokens"]})
+    cache_lens = sorted({v["cache_len"] for v in info.values()})
+    ref_ids = {n: torch.randint(10, len(tokenizer) - 1, (1, n), device=device) for n in {*references, *cache_lens}}
 
     def reference(length):
         with torch.no_grad():
             model(input_ids=ref_ids[length], use_cache=True, logits_to_keep=1)
 
+    def reference_generate(length):  # the stock model decoding over a cache of `length` entries per layer
+        def run(tokens, logits_processor):
+            model.generate(input_ids=ref_ids[length], attention_mask=torch.ones_like(ref_ids[length]),
+                           max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           logits_processor=logits_processor)
+        return run
+
     # round-robin over configs inside each repeat, so drift in machine speed hits every config alike
     samples = {c: {"prefill": [], "decode": [], "vision": [], "select": []} for c in configs}
     ref_samples: dict[int, list[float]] = {n: [] for n in references}
+    ref_decode: dict[int, list[float]] = {n: [] for n in cache_lens}
     vision_samples: list[float] = []
+    for length in cache_lens:  # warm-up of the reference decode
+        decode_step_ms(reference_generate(length), device, 2)
     for rep in range(args.repeats):
         vision_samples.append(timed(encode, device, 1) * 1e3)
         for n_ref in references:
             ref_samples[n_ref].append(timed(lambda: reference(n_ref), device, 1) * 1e3)
+        for n_cache in cache_lens:
+            ref_decode[n_cache] += decode_step_ms(reference_generate(n_cache), device, n)
         for method, budget in configs:
             apply(method, budget)
             entry = samples[(method, budget)]
@@ -170,7 +186,7 @@ def main() -> None:
             if method != "none":
                 entry["vision"].append(model.compression.stats.encode_ms)
                 entry["select"].append(model.compression.stats.select_ms)
-            entry["decode"].append(decode_ms_per_token(generate, device, n))
+            entry["decode"] += decode_step_ms(generate, device, n)
             remove(method)
         print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
 
@@ -189,7 +205,8 @@ def main() -> None:
                 select_ms=med(entry["select"]) if entry["select"] else 0.0,
                 flops_vision=tower_images * vision_flops(cfg.vision_config, tower_tokens),
                 flops_llm=meta["flops_llm"], flops_decode=meta["flops_decode"],
-                peak_mem_mb=meta["peak"] / 2**20, reference_ms=vision_ms + med(ref_samples[llm_tokens]),
+                peak_mem_mb=meta["peak"] / 2**20, reference_ms=vision_ms + statistics.fmean(med(ref_samples[t]) for t in meta["layer_tokens"]),
+                cache_len=meta["cache_len"], reference_decode_ms=med(ref_decode[meta["cache_len"]]),
             )
         )
 
@@ -203,6 +220,7 @@ def main() -> None:
         r["decode_ratio_to_ideal"] = r["decode_speedup"] / r["decode_flops_ideal_speedup"]
         r["select_overhead_pct"] = 100 * r["select_ms"] / r["prefill_ms"]
         r["vs_reference"] = r["prefill_ms"] / r["reference_ms"]
+        r["decode_vs_reference"] = r["decode_ms_per_token"] / r["reference_decode_ms"]
 
     machine = machine_description(device)
     machine.update(dtype=args.dtype, dims=args.dims, dims_values=vars(dims), anyres=anyres, family=family)
@@ -212,6 +230,14 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
     (RESULTS / f"{stem}.md").write_text(to_markdown(rows, machine, command))
     print(to_markdown(rows, machine, command))
+
+
+def layer_tokens(stats, layers: int) -> list[int]:
+    """Tokens each LLM layer processes on the prompt (batch 1): the text plus that layer's visual tokens."""
+    if not stats.layer_visual_tokens:
+        return [stats.prompt_tokens_llm] * layers
+    text = stats.prompt_tokens_llm - stats.visual_tokens_kept
+    return [text + round(v * stats.images) for v in stats.layer_visual_tokens]
 
 
 def untrained_routers(text_config) -> str:
@@ -242,18 +268,22 @@ def to_markdown(rows, machine, command) -> str:
         f"Model (random weights): {model}.\n\n"
         "`ratio` = measured prefill speed-up / FLOPs-ideal speed-up (in-LLM methods: FLOPs over their per-layer token "
         "counts; `LLM tok` is then the prompt entering layer 0). `vs ref` = our prefill / (stock vision tower + "
-        "stock LLM on a text-only prompt of the same length): the cost of our machinery (1.00 = none).\n\n"
+        "stock LLM on text-only prompts of the same per-layer lengths, i.e. the mean over layers of the stock LLM's time "
+        "at each layer's token count): the cost of our machinery (1.00 = none).\n\n"
         "Decode: `FLOPs-ideal` from the KV entries a step reads (what the prompt left, after any eviction, plus half "
-        "the timed steps; `vlm_compress.stats.decode_flops`: projections, MLP and LM head are fixed, attention shrinks).\n\n"
+        "the timed steps; `vlm_compress.stats.decode_flops`: projections, MLP and LM head are fixed, attention shrinks). "
+        "Each decode step is timed on its own (a timestamp per step from a logits processor; median over all steps "
+        "of all repeats). `decode vs ref` = our step / the stock model's step over a text-only cache of the same "
+        "length per layer (`cache`; 1.00 = our decode machinery costs nothing).\n\n"
         "| method | budget | visual tok | layer-avg tok | LLM tok | prefill ms | speed-up | FLOPs-ideal | ratio | vs ref | "
-        "decode ms/tok | decode speed-up | decode FLOPs-ideal | decode ratio | vision ms | select ms | select % | peak MB |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "cache | decode ms/tok | decode speed-up | decode FLOPs-ideal | decode ratio | decode vs ref | vision ms | select ms | select % | peak MB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['method']} | {r['budget']} | {r['visual_tokens']} | {r['layer_avg_visual_tokens']:.1f} | {r['llm_tokens']} | {r['prefill_ms']:.1f} | "
         f"{r['prefill_speedup']:.2f}× | {r['flops_ideal_speedup']:.2f}× | {r['ratio_to_ideal']:.2f} | {r['vs_reference']:.2f} | "
-        f"{r['decode_ms_per_token']:.1f} | {r['decode_speedup']:.2f}× | {r['decode_flops_ideal_speedup']:.2f}× | "
-        f"{r['decode_ratio_to_ideal']:.2f} | {r['vision_ms']:.1f} | {r['select_ms']:.2f} | "
+        f"{r['cache_len']} | {r['decode_ms_per_token']:.1f} | {r['decode_speedup']:.2f}× | {r['decode_flops_ideal_speedup']:.2f}× | "
+        f"{r['decode_ratio_to_ideal']:.2f} | {r['decode_vs_reference']:.2f} | {r['vision_ms']:.1f} | {r['select_ms']:.2f} | "
         f"{r['select_overhead_pct']:.1f} | {r['peak_mem_mb']:.0f} |"
         for r in rows
     ]

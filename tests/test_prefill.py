@@ -223,6 +223,26 @@ def test_restore_removes_the_layer_wrappers(deep, batch):
     assert torch.equal(deep(**batch).logits, ref)
 
 
+def test_step_validity_is_kept_incrementally_and_equals_the_full_rebuild():
+    """A decode step's mask from the incremental key validity equals :meth:`LayerSlots.allowed` built from scratch,
+    before and after a cache edit, with left padding and a padded (-1) slot."""
+    from vlm_compress.stages.prefill import LayerSlots
+
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    slots = LayerSlots(positions=[torch.tensor([[0, 1, 3], [0, 2, -1]])], valid=valid, length=4, reshaped=True)
+    for step in range(3):
+        query = torch.full((2, 1), slots.length)
+        slots.valid = torch.cat([slots.valid, torch.tensor([[True], [step != 1]])], dim=1)  # one padded step
+        slots.positions[0] = torch.cat([slots.positions[0], query], dim=1)
+        assert torch.equal(slots.step_allowed(0, query), slots.allowed(0, query))
+        slots.length += 1
+        if step == 1:  # an eviction: row 0 keeps positions 0, 3, 4, 5; row 1 keeps 2 and the padded step 5
+            slots.positions[0] = torch.tensor([[0, 3, 4, 5], [2, 5, -1, -1]])
+            slots.key_valid.pop(0)
+    assert slots.key_valid[0].shape == slots.positions[0].shape
+    assert slots.key_valid[0].tolist() == [[False, True, True, True, True], [True, False, False, False, True]]
+
+
 # -- decode stage: h2o ------------------------------------------------------------------------------------------
 
 

@@ -194,8 +194,9 @@ class Runner:
             with torch.no_grad():
                 self.model(**one, use_cache=True, logits_to_keep=1)
 
-        def gen(n):
-            self.model.generate(**one, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        def gen(n, logits_processor):
+            self.model.generate(**one, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                logits_processor=logits_processor)
 
         prefill()
         with PeakMemory(self.device) as mem:

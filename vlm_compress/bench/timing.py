@@ -26,14 +26,54 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> f
     return statistics.median(times)
 
 
-def decode_ms_per_token(generate: Callable[[int], object], device: torch.device, new_tokens: int, repeats: int = 1) -> float:
-    """Milliseconds per decode step: ``(t(2 + n) - t(2)) / n`` over ``generate(max_new_tokens)`` calls.
+class StepClock:
+    """A ``generate`` logits processor that stamps the wall clock once per decode step.
 
-    The difference of two generation lengths cancels the prefill and generate's set-up.
+    ``generate`` calls its logits processors once per produced token, right after that token's forward pass, so
+    consecutive stamps are one decode step apart (forward + sampling + cache update); the first stamp closes the
+    prefill. CUDA is synchronised before each stamp. Pass it as ``logits_processor=LogitsProcessorList([clock])``.
     """
-    long = timed(lambda: generate(2 + new_tokens), device, repeats)
-    short = timed(lambda: generate(2), device, repeats)
-    return (long - short) / new_tokens * 1e3
+
+    def __init__(self, device: torch.device):
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def step_ms(self) -> list[float]:
+        """Milliseconds of each decode step after the first token (``len(stamps) - 1`` values)."""
+        return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+def decode_step_ms(generate: Callable[..., object], device: torch.device, new_tokens: int) -> list[float]:
+    """Per-step decode milliseconds of one ``generate(max_new_tokens, logits_processor)`` call (``new_tokens`` values).
+
+    Times each step directly with a :class:`StepClock` instead of differencing two whole runs, whose noise (prefill,
+    allocator, set-up) does not cancel and swamped the decode figure.
+    """
+    from transformers import LogitsProcessorList
+
+    clock = StepClock(device)
+    generate(new_tokens + 1, LogitsProcessorList([clock]))
+    steps = clock.step_ms()
+    if len(steps) != new_tokens:
+        raise RuntimeError(f"expected {new_tokens} decode steps, the clock saw {len(steps)}: did generation stop early? "
+                           "Pass min_new_tokens equal to max_new_tokens.")
+    return steps
+
+
+def decode_ms_per_token(generate: Callable[..., object], device: torch.device, new_tokens: int, repeats: int = 1) -> float:
+    """Median milliseconds per decode step over ``repeats`` generations of ``new_tokens`` timed steps each.
+
+    ``generate(max_new_tokens, logits_processor)`` must produce exactly ``max_new_tokens`` tokens.
+    """
+    steps: list[float] = []
+    for _ in range(repeats):
+        steps += decode_step_ms(generate, device, new_tokens)
+    return statistics.median(steps)
 
 
 def _malloc_trim() -> None:

@@ -77,12 +77,16 @@ class LayerSlots:
     """What each layer's KV cache holds: ``positions[l]`` is [B, K_l], the sequence index of every cache slot
     of layer ``l`` (-1 for padding slots of ragged per-sample sets). ``valid`` [B, T]: non-padding per sequence
     index over everything seen so far. ``length``: sequence indices seen before the current call.
+    ``key_valid[l]`` [B, K_l]: which of layer ``l``'s slots hold a non-padding token, kept incrementally during
+    decoding (one column appended per step, dropped by a cache edit and rebuilt once) instead of gathered anew from
+    ``valid`` each step (issue #21).
     """
 
     positions: list[torch.Tensor | None]
     valid: torch.Tensor
     length: int = 0
     reshaped: bool = False  # some layer's cache differs from "every token so far" (pruned or evicted)
+    key_valid: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def allowed(self, layer: int, query_positions: torch.Tensor) -> torch.Tensor:
         """[B, Q, K] which of layer ``layer``'s slots each query (sequence indices [B, Q]) may attend to."""
@@ -91,6 +95,23 @@ class LayerSlots:
         causal = keys[:, None, :] <= query_positions[:, :, None]
         itself = keys[:, None, :] == query_positions[:, :, None]
         return (real[:, None, :] & causal) | itself
+
+    def step_allowed(self, layer: int, query_positions: torch.Tensor) -> torch.Tensor:
+        """[B, 1, K] :meth:`allowed` for one decode step whose query [B, 1] was just appended to layer ``layer``.
+
+        Every cached slot precedes the query, so causality holds for all of them and only validity matters: the
+        layer's ``key_valid`` grows by the query's column (built in full once after a prefill or a cache edit).
+        """
+        keys = self.positions[layer]
+        known = self.key_valid.get(layer)
+        if known is None or known.shape[1] != keys.shape[1] - 1:
+            valid = (keys >= 0) & torch.gather(self.valid, 1, keys.clamp(min=0))
+        else:
+            valid = torch.cat([known, torch.gather(self.valid, 1, query_positions)], dim=1)
+        self.key_valid[layer] = valid
+        allowed = valid.clone()
+        allowed[:, -1] = True  # a query always sees itself (padding rows stay finite)
+        return allowed[:, None, :]
 
     def cached_tokens(self, layer: int) -> torch.Tensor:
         """[B] non-padding tokens in layer ``layer``'s cache."""
@@ -464,7 +485,8 @@ class PrefillStage:
         if not slots.reshaped:
             return original(hidden, **kwargs)
         call = dict(kwargs)
-        call["attention_mask"] = self._mask(slots.allowed(i, query), hidden.dtype)
+        allowed = slots.step_allowed(i, query) if q == 1 else slots.allowed(i, query)
+        call["attention_mask"] = self._mask(allowed, hidden.dtype)
         return original(hidden, **call)
 
     # -- cache edits (decode policies, MustDrop's stage 3) ---------------------------------------------------
@@ -476,6 +498,7 @@ class PrefillStage:
         slots = self.slots
         index, real = pack(keep, dummy=0)  # padding entries re-use slot 0, re-marked as padding below
         slots.positions[layer] = torch.where(real, torch.gather(slots.positions[layer], 1, index), -1)
+        slots.key_valid.pop(layer, None)  # rebuilt from the new positions at the next step
         keys, values = compat.layer_entries(cache, layer)
         gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
         compat.replace_layer_entries(cache, layer, torch.gather(keys, 2, gather), torch.gather(values, 2, gather))
