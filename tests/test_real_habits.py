@@ -325,3 +325,24 @@ def test_atp_refuses_its_default_heads_on_another_model(deep, batch, tmp_path):
         compress(deep, budget=0.6, method="atp")
     compress(deep, budget=0.6, method="atp", heads=str(EMBEDDED_HEADS))  # passed explicitly: the user's choice
     deep(**batch)
+
+
+@pytest.mark.parametrize("method", ["cls_attn", "fastv"])
+def test_torch_compile_after_compress(model, batch, method):
+    """``torch.compile(model)`` after ``compress`` gives the eager compressed outputs (dynamo tracing through the
+    per-instance patches; backend ``eager`` keeps the test fast — eval/compile_check.py times inductor)."""
+    import torch._dynamo
+
+    if method == "fastv":  # a 2-layer LLM: layer 0 sees every token, layer 1 keeps 20 %
+        compress(model, budget=0.6, method=method, layer=1)
+    else:
+        compress(model, budget=0.25, method=method)
+    with torch.no_grad():
+        want = model(**batch).logits
+    ref = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(**batch).logits, want)
+    assert torch.equal(compiled.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False), ref)
+    torch._dynamo.reset()

@@ -12,6 +12,7 @@ patched model gives a copy whose patches call the *copy* (with the copy's compre
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -35,7 +36,9 @@ class Patched:
     def original(self) -> Callable[..., Any]:
         if self.previous is not None:
             return self.previous
-        return getattr(type(self.module), self.name).__get__(self.module, type(self.module))
+        # a partial, not a bound method: torch.compile rebuilds a bound method after a graph break as
+        # ``module.<name>``, which is this patch again (endless recursion)
+        return functools.partial(getattr(type(self.module), self.name), self.module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.impl(self.module, self.original(), *args, **kwargs)
