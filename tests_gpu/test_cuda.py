@@ -13,9 +13,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from vlm_compress import compress, list_methods, restore
+from vlm_compress import compress, restore
+from vlm_compress.bench.run import method_arg
 from vlm_compress.budget import tokens_to_keep
-from vlm_compress.testing import LlavaDims, build_llava, build_processor, build_tokenizer, random_images
+from vlm_compress.testing import (
+    LlavaDims,
+    build_llava,
+    build_processor,
+    build_tokenizer,
+    random_images,
+)
 
 CUDA = torch.device(os.environ.get("VLM_COMPRESS_TEST_DEVICE", "cuda"))  # "cpu": a dry run of the logic
 PROMPTS = ["USER: <image>\nwhat color is the square ? ASSISTANT:", "USER: <image>\nhow many ? ASSISTANT:"]
@@ -37,36 +44,26 @@ def parts():
     return tokenizer, batch, singles
 
 
-def _model(tokenizer, dtype):
-    return build_llava(tokenizer, dtype=dtype).to(CUDA)
-
-
 def _greedy(model, inputs, steps=3):
     return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-
-
-def _options(spec, budget):
-    from vlm_compress.bench.run import method_arg
-
-    return method_arg(spec, budget)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("spec", METHODS)
 def test_identity_batch_restore_on_cuda(parts, spec, dtype):
     tokenizer, batch, singles = parts
-    model = _model(tokenizer, dtype)
+    model = build_llava(tokenizer, dtype=dtype).to(CUDA)
     batch = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items()}
     singles = [{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in s.items()} for s in singles]
     with torch.no_grad():
         ref = model(**batch).logits
-    name, options = _options(spec, 1.0)
+    name, options = method_arg(spec, 1.0)
     compress(model, method=name, **options)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, ref)
     restore(model)
     budget = 0.6 if name == "fastv" else 0.25  # fastv at K=1 of a 2-layer LLM reaches at least 0.5
-    name, options = _options(spec, budget)
+    name, options = method_arg(spec, budget)
     compress(model, method=name, **options)
     out = _greedy(model, batch)
     if name not in ("fastv", "h2o", "pool"):  # encoder stage: the LLM sees exactly k visual tokens per image
@@ -110,7 +107,3 @@ def test_triton_kernels_match_torch_on_cuda(monkeypatch):
     for f, c in zip(_flat(fused), _flat(composite)):
         torch.testing.assert_close(f, c, rtol=1e-4, atol=1e-5)
 
-
-def test_methods_listed_exist():
-    registered = set(list_methods())
-    assert {spec.partition(":")[0] for spec in METHODS} <= registered
