@@ -257,7 +257,7 @@ def cached_visual(model, layer):
 
 def test_h2o_leaves_the_prefill_alone_and_evicts_to_the_budget(deep, batch):
     ref = greedy(deep, batch)
-    compress(deep, budget=0.25, method="h2o")
+    compress(deep, budget=0.25, method="h2o", rolling=False)
     out = greedy(deep, batch)
     assert torch.equal(out.logits[0], ref.logits[0])  # the prompt's prefill is untouched
     for layer in range(LAYERS):
@@ -288,13 +288,15 @@ def test_h2o_keeps_the_most_attended_visual_slots(deep, batch):
             assert kept == expected
 
 
-def test_h2o_batch_equals_single(deep, processor, images, batch):
-    compress(deep, budget=0.25, method="h2o")
-    out = greedy(deep, batch)
+@pytest.mark.parametrize("rolling", [True, False])
+def test_h2o_batch_equals_single(deep, processor, images, batch, rolling):
+    compress(deep, budget=0.5, method="h2o", window=2, rolling=rolling)
+    steps = 24
+    out = greedy(deep, batch, steps)
     width = batch["input_ids"].shape[1]
     for i in range(3):
-        one = greedy(deep, single(processor, images, i))
-        assert torch.equal(out.sequences[i, width:], one.sequences[0, -4:])
+        one = greedy(deep, single(processor, images, i), steps)
+        assert torch.equal(out.sequences[i, width:], one.sequences[0, -steps:])
         torch.testing.assert_close(out.logits[-1][i], one.logits[-1][0], rtol=1e-4, atol=1e-4)
 
 
@@ -306,7 +308,7 @@ def test_h2o_batch_with_different_image_counts_equals_single(deep, processor, im
     texts = ["USER: <image> and <image>\nwhat color is the square ? ASSISTANT:", "USER: <image>\nhow many ? ASSISTANT:"]
     per_row = [[images[0], images[1]], [images[2]]]
     batch = processor(images=per_row[0] + per_row[1], text=texts, return_tensors="pt", padding=True)
-    compress(deep, budget=0.25, method="h2o")
+    compress(deep, budget=0.25, method="h2o", rolling=False)
     steps = 4
     out = greedy(deep, batch, steps)
     for layer in range(LAYERS):
@@ -320,6 +322,116 @@ def test_h2o_batch_with_different_image_counts_equals_single(deep, processor, im
         assert torch.equal(out.sequences[i, width:], one.sequences[0, -steps:])
         for step in range(steps):
             torch.testing.assert_close(out.logits[step][i], one.logits[step][0], rtol=1e-4, atol=1e-4)
+
+
+class CacheSizes:
+    """A logits processor recording every layer's non-padding cache slots per row after each forward: [L][B]."""
+
+    def __init__(self, model):
+        self.stage, self.sizes = model.compression.prefill, []
+
+    def __call__(self, input_ids, scores):
+        self.sizes.append([self.stage.slots.cached_tokens(layer).tolist() for layer in range(LAYERS)])
+        return scores
+
+
+def test_h2o_rolling_holds_the_cache_at_its_budget_for_100_tokens(deep, batch):
+    """Visual budget 8 of 16 per layer; 100 generated tokens later every layer still holds the prompt's text plus 8
+    slots, the recent window is all there, and old generated tokens were evicted too (they are eligible)."""
+    from transformers import LogitsProcessorList
+
+    window = 4
+    compress(deep, budget=0.5, method="h2o", window=window)
+    sizes = CacheSizes(deep)
+    greedy_kwargs = dict(max_new_tokens=100, min_new_tokens=100, do_sample=False)
+    deep.generate(**batch, **greedy_kwargs, logits_processor=LogitsProcessorList([sizes]))
+    stage = deep.compression.prefill
+    text = (batch["attention_mask"].bool() & (batch["input_ids"] != deep.config.image_token_id)).sum(dim=1)
+    assert len(sizes.sizes) == 100
+    assert all(step == [(text + 8).tolist()] * LAYERS for step in sizes.sizes)
+    stats = deep.compression.stats
+    assert stats.kv_cache_bytes_decode == stats.kv_cache_bytes  # held, not grown
+    s, length = stage.ctx.visual.shape[1], stage.slots.length
+    for layer in range(LAYERS):
+        positions = stage.slots.positions[layer]
+        assert all(set(range(length - window, length)) <= set(row.tolist()) for row in positions)
+        generated = (positions >= s).sum(dim=1)
+        assert bool((generated < length - s).all())  # some generated tokens are gone...
+        assert bool((generated >= window).all())  # ...but not the recent ones
+
+
+@torch.no_grad()  # as generate runs: the cache edits are in place then
+def test_h2o_rolling_evicts_the_least_accumulated_slot(deep, batch):
+    """Each decode step drops, per layer and row, the eligible slot (visual, or generated and older than the window)
+    whose accumulated head-mean attention — the question rows' at the prompt, plus every step's query since — is
+    lowest. The attention comes from the eager model's own weights (``output_attentions``, test side only)."""
+    window = 2
+    deep.set_attn_implementation("eager")
+    compress(deep, budget=0.5, method="h2o", window=window)
+    stage = deep.compression.prefill
+    out = deep(**batch, use_cache=True, output_attentions=True)
+    ctx, slots = stage.ctx, stage.slots
+    s = ctx.visual.shape[1]
+    rows = (ctx.text_after_image | ctx.last_token).float()
+    accumulated = []  # [L][B] {position: score}
+    for layer in range(LAYERS):
+        prompt = (out.attentions[layer].mean(dim=1) * rows[:, :, None]).sum(dim=1)  # [B, S]
+        accumulated.append([{p: float(prompt[b, p]) for p in slots.positions[layer][b].tolist() if p >= 0}
+                            for b in range(3)])
+    cache = compat.cache_of_output(out)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(12):
+        before = [slots.positions[layer].clone() for layer in range(LAYERS)]
+        new = slots.length
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        out = deep(input_ids=token, attention_mask=mask, use_cache=True, output_attentions=True,
+                   **{compat.CACHE_ARGUMENT: cache})
+        for layer in range(LAYERS):
+            weights = out.attentions[layer].mean(dim=1)[:, 0]  # [B, K + 1] over the slots before, then the new one
+            for b in range(3):
+                scores = accumulated[layer][b]
+                scores[new] = 0.0
+                for slot, position in enumerate(before[layer][b].tolist() + [new]):
+                    if position >= 0:
+                        scores[position] += float(weights[b, slot])
+                eligible = [p for p in scores if (p >= s or bool(ctx.visual[b, p])) and p < new + 1 - window]
+                dropped = min(eligible, key=lambda p: scores[p])
+                del scores[dropped]
+                kept = {p for p in slots.positions[layer][b].tolist() if p >= 0}
+                assert kept == set(scores), (layer, b, dropped)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def test_h2o_rolling_beam_search_follows_each_beam(deep, processor, images):
+    """Beams evict differently once generated tokens compete; beam search must move the slot bookkeeping and the
+    scores with the cache rows. The best beam's per-step log-probs equal those of the same tokens forced through the
+    compressed model alone (whose evictions follow that beam's history only)."""
+    with torch.no_grad():  # sharper attention than the random init's near-uniform one: the beams' evictions diverge
+        for layer in deep.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(10)
+    inputs = single(processor, images, 2)
+    compress(deep, budget=0.25, method="h2o", window=2)
+    steps = 30
+    out = deep.generate(**inputs, num_beams=3, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                        output_scores=True, return_dict_in_generate=True)
+    beams = deep.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)[0]
+    width = inputs["input_ids"].shape[1]
+    tokens = out.sequences[0, width:]
+    step = deep(**inputs, use_cache=True)
+    cache, mask, forced = compat.cache_of_output(step), inputs["attention_mask"], []
+    for t in range(steps):
+        forced.append(torch.log_softmax(step.logits[0, -1].float(), dim=-1)[tokens[t]])
+        mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+        step = deep(input_ids=tokens[None, t : t + 1], attention_mask=mask, use_cache=True,
+                    **{compat.CACHE_ARGUMENT: cache})
+    torch.testing.assert_close(torch.stack(forced), beams[:steps].float(), rtol=1e-4, atol=1e-4)
+
+
+def test_h2o_rolling_step_scoring_is_timed(deep, batch):
+    compress(deep, budget=0.5, method="h2o", window=2)
+    deep.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert deep.compression.prefill.record.step_select_s > 0
 
 
 # -- MustDrop stages 2 and 3 ---------------------------------------------------------------------------------------

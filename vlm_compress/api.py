@@ -152,6 +152,8 @@ def compress(
             prefill.attach()
         patch_method(model, "forward", _compressed_forward)
         patch_method(model, "generate", _compressed_generate)
+        if prefill is not None and not hasattr(type(model), "_reorder_cache"):  # (only XLNet and RAG define one)
+            patch_method(model, "_reorder_cache", _compressed_reorder_cache)
         model.__dict__[_STATE_ATTR] = state
     except BaseException:
         _remove_patches(model)
@@ -389,6 +391,18 @@ def _compressed_generate(model: nn.Module, original: Any, *args: Any, **kwargs: 
         return sequences
     out.sequences = sequences
     return out
+
+
+def _compressed_reorder_cache(model: nn.Module, original: Any, cache: Any, beam_idx: torch.Tensor) -> Any:
+    """``model._reorder_cache`` while compressed in the LLM: beam search's hook for moving cache rows (``generate``
+    calls it when the model has one, else ``cache.reorder_cache``). Reorders the cache as the stock path does and
+    the per-layer slot bookkeeping and decode policies' state with it, which differ per beam once a policy evicts
+    during generation."""
+    cache.reorder_cache(beam_idx)
+    state = _state(model)
+    if not _suspended(state):
+        state.prefill.reorder(beam_idx)
+    return cache
 
 
 def _wants_static_cache(model: nn.Module, call: dict[str, Any]) -> bool:

@@ -33,9 +33,12 @@ class Patched:
     def __init__(self, module: nn.Module, name: str, impl: Callable[..., Any], previous: Any = None):
         self.module, self.name, self.impl, self.previous = module, name, impl, previous
 
-    def original(self) -> Callable[..., Any]:
+    def original(self) -> Callable[..., Any] | None:
+        """What the patch shadows; ``None`` for a name the class does not define (a patch that adds a hook)."""
         if self.previous is not None:
             return self.previous
+        if not hasattr(type(self.module), self.name):
+            return None
         # a partial, not a bound method: torch.compile rebuilds a bound method after a graph break as
         # ``module.<name>``, which is this patch again (endless recursion)
         return functools.partial(getattr(type(self.module), self.name), self.module)
@@ -45,11 +48,13 @@ class Patched:
 
     @property
     def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self.original())
+        original = self.original()
+        return inspect.signature(original if original is not None else self.impl)
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:
-        return self.original()
+        original = self.original()
+        return original if original is not None else self.impl
 
     @property
     def __name__(self) -> str:  # noqa: A003 — what functools.update_wrapper and reprs read

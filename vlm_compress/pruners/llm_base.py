@@ -138,3 +138,23 @@ class DecodePolicy(MethodConfig):
 
     def apply(self, stage: Any, cache: Any, prompt: bool) -> None:
         """Called after every forward (``prompt`` for the prefill) to edit ``cache``'s layers."""
+
+    def observes_steps(self) -> bool:
+        """Whether :meth:`observe_step` is called on every decode step (the stage then keeps each step's query)."""
+        return False
+
+    def observe_step(self, layer: int, ctx: PrefillContext, attention: "StepView") -> None:
+        """Called after layer ``layer`` ran on a one-token decode step whose layers hold edited caches."""
+
+    def reorder(self, ctx: PrefillContext, beam_idx: torch.Tensor) -> None:
+        """Beam search moved cache rows: row ``i`` is now old row ``beam_idx[i]``; reorder per-row state kept
+        outside ``ctx``'s masks (the stage reorders those and its slot bookkeeping itself)."""
+
+
+class StepView(Protocol):
+    """What a decode policy may read of one decoder layer right after it ran on a one-token decode step (given to
+    :meth:`DecodePolicy.observe_step`; ``stages/prefill.py`` implements it)."""
+
+    def __call__(self) -> torch.Tensor:
+        """[B, K] head-mean post-softmax attention of the step's query over the layer's cache slots, in slot order
+        (the new token's own slot last); padding slots are zero."""

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..llm_attention import check_decoder_layer, project_keys, project_queries, row_attention
+from ..llm_attention import apply_rope, check_decoder_layer, project_keys, project_queries, row_attention
 from ..patching import patch_method
 from ..pruners.llm_base import PrefillContext, PrefillPruner
 from ..stats import CompressionStats, kv_cache_bytes, kv_entry_bytes, prefill_flops, prompt_costs
@@ -153,6 +153,7 @@ class PrefillRecord:
     tokens: list[torch.Tensor]
     visual: list[torch.Tensor]
     select_s: float = 0.0
+    step_select_s: float = 0.0  # decode policies' per-step scoring, summed over the steps since the prompt
 
 
 class PromptLayerView:
@@ -223,6 +224,28 @@ class PromptLayerView:
         return self._normed
 
 
+class StepLayerView:
+    """:class:`~vlm_compress.pruners.llm_base.StepView` of decoder layer ``i`` right after it ran on a one-token
+    decode step: the step's query (``q_proj``'s output [B, 1, H·hd], kept by the stage's ``q_proj`` patch, so no
+    projection is recomputed) against the layer's cache, which now ends with the step's own slot. ``allowed``:
+    [B, K] the step's mask row."""
+
+    def __init__(self, layer: nn.Module, i: int, query: torch.Tensor, kwargs: dict, allowed: torch.Tensor):
+        self.layer, self.i, self.query, self.kwargs, self.allowed = layer, i, query, kwargs, allowed
+        self._probs: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self._probs is None:
+            attn = self.layer.self_attn
+            b = self.query.shape[0]
+            cos, sin = compat.rotary_tables(self.kwargs)
+            q = self.query.view(b, 1, -1, attn.head_dim).transpose(1, 2)
+            q = apply_rope(q, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
+            keys = compat.layer_keys(compat.cache_of_call(self.kwargs), self.i)
+            self._probs = row_attention(self.layer, q, keys, self.allowed[:, None, :])[:, 0]
+        return self._probs
+
+
 class PrefillStage:
     """Runs one :class:`PrefillPruner` inside the decoder layers of an adapter's LLM."""
 
@@ -248,6 +271,8 @@ class PrefillStage:
         self.record: PrefillRecord | None = None
         self.prefilling = False
         self.policies: list[Any] = []  # decode-stage methods (pruners.llm_base.DecodePolicy)
+        self._step_queries: dict[int, torch.Tensor] = {}  # q_proj outputs of the decode step being run
+        self._capture: int | None = None  # the layer whose q_proj output is kept now
         self._mlp_scales: dict[int, torch.Tensor | None] = {}
         self.active = False  # inside a call of the compressed model (a direct call of the LLM runs untouched)
         self._checkpoint: dict[int, Callable[..., Any]] = {}  # layers whose gradient checkpointing we run ourselves
@@ -258,9 +283,11 @@ class PrefillStage:
         other = copy.copy(self)
         memo[id(self)] = other
         for name, value in vars(self).items():
-            scratch = name in ("ctx", "slots", "record", "prefilling", "active", "_mlp_scales", "_checkpoint")
+            scratch = name in ("ctx", "slots", "record", "prefilling", "active", "_mlp_scales", "_checkpoint",
+                               "_step_queries", "_capture")
             setattr(other, name, None if scratch else copy.deepcopy(value, memo))
         other.prefilling, other.active, other._mlp_scales, other._checkpoint = False, False, {}, {}
+        other._step_queries, other._capture = {}, None
         return other
 
     def add_decode_policy(self, policy: Any) -> None:
@@ -271,11 +298,37 @@ class PrefillStage:
     # -- patching ------------------------------------------------------------------------------------------
     def attach(self) -> list[nn.Module]:
         scales = self.config is not None and type(self.config).token_scales is not PrefillPruner.token_scales
+        steps = any(policy.observes_steps() for policy in self.policies)
         for index, layer in enumerate(self.layers):
             patch_method(layer, "forward", functools.partial(self._layer_forward, index))
             if scales:
                 patch_method(layer.mlp, "forward", functools.partial(self._mlp_forward, index))
+            if steps:
+                patch_method(layer.self_attn.q_proj, "forward", functools.partial(self._q_forward, index))
         return self.layers
+
+    def _q_forward(self, index: int, q_proj: nn.Module, original: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``index``'s query projection while a decode policy observes steps: keeps the step's
+        queries [B, 1, H·hd] for :class:`StepLayerView` (a :class:`~vlm_compress.patching.Patched` impl)."""
+        out = original(x)
+        if self._capture == index:
+            self._step_queries[index] = out
+        return out
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Beam search reordered the cache's rows (row ``i`` ← old row ``beam_idx[i]``): reorder the slot
+        bookkeeping, the prompt's masks and the policies' per-row state the same way."""
+        slots, ctx = self.slots, self.ctx
+        if slots is None or beam_idx.shape[0] != slots.valid.shape[0]:
+            return
+        idx = beam_idx.to(slots.valid.device)
+        slots.positions = [p.index_select(0, idx) if p is not None else None for p in slots.positions]
+        slots.valid = slots.valid.index_select(0, idx)
+        slots.key_valid = {layer: v.index_select(0, idx) for layer, v in slots.key_valid.items()}
+        for name in ("visual", "valid", "alive", "protected", "images"):
+            setattr(ctx, name, getattr(ctx, name).index_select(0, idx))
+        for policy in self.policies:
+            policy.reorder(ctx, idx)
 
     # -- per call --------------------------------------------------------------------------------------------
     def begin(
@@ -298,8 +351,11 @@ class PrefillStage:
         self.slots.length += steps
         if self.config is not None and prompt:
             self.config.finish(self, cache)
+        started = time.perf_counter()
         for policy in self.policies:
             policy.apply(self, cache, prompt)
+        if not prompt and self.record is not None:
+            self.record.step_select_s += time.perf_counter() - started
 
     def _begin_prompt(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, protected: torch.Tensor | None
@@ -487,13 +543,34 @@ class PrefillStage:
         call = dict(kwargs)
         allowed = slots.step_allowed(i, query) if q == 1 else slots.allowed(i, query)
         call["attention_mask"] = self._mask(allowed, hidden.dtype)
-        return original(hidden, **call)
+        observers = [p for p in self.policies if p.observes_steps()] if q == 1 else []
+        if not observers:
+            return original(hidden, **call)
+        self._capture = i
+        try:
+            out = original(hidden, **call)
+        finally:
+            self._capture = None
+        started = time.perf_counter()
+        query = self._step_queries.pop(i, None)
+        if query is None:
+            raise RuntimeError(
+                f"decoder layer {i} did not call self_attn.q_proj during the decode step; step-observing decode "
+                "policies (h2o with rolling=True) need Llama-style attention — pass rolling=False"
+            )
+        view = StepLayerView(self.layers[i], i, query, kwargs, allowed[:, 0])
+        for policy in observers:
+            policy.observe_step(i, self.ctx, view)
+        self.record.step_select_s += time.perf_counter() - started
+        return out
 
     # -- cache edits (decode policies, MustDrop's stage 3) ---------------------------------------------------
-    def keep_slots(self, cache: Any, layer: int, keep: torch.Tensor) -> None:
+    def keep_slots(self, cache: Any, layer: int, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep the ``keep`` [B, K] slots of layer ``layer``'s cache (and their slot positions), in order.
 
         Samples keeping fewer slots than the batch maximum are padded with dropped slots re-marked as padding (-1).
+        Returns (index [B, K'], real [B, K']): the old slot each new one holds, and which are not padding, for
+        callers that keep per-slot state of their own.
         """
         slots = self.slots
         index, real = pack(keep, dummy=0)  # padding entries re-use slot 0, re-marked as padding below
@@ -503,6 +580,35 @@ class PrefillStage:
         gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
         compat.replace_layer_entries(cache, layer, torch.gather(keys, 2, gather), torch.gather(values, 2, gather))
         slots.reshaped = True
+        return index, real
+
+    def replace_with_last(self, cache: Any, layer: int, drop: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Evict slot ``drop[b]`` [B] of every row of layer ``layer``'s cache by moving the row's last slot (the
+        step's own entry) into it, then dropping the last column: one slot out per row at the cost of one entry's
+        copy, not the whole cache's. Slot order carries no meaning (masks come from slot positions). ``state``
+        [B, K]: the caller's per-slot values, moved the same way; returned [B, K - 1]."""
+        slots = self.slots
+        at = drop[:, None]
+        k = slots.positions[layer].shape[1] - 1
+
+        def moved(x: torch.Tensor, dim: int) -> torch.Tensor:
+            """x with its last entry along ``dim`` written over entry ``drop[b]`` of row b, then cut to k."""
+            shape = list(x.shape)
+            shape[dim] = 1
+            index = at.view([x.shape[0]] + [1] * (x.dim() - 1)).expand(shape)
+            last = x.narrow(dim, k, 1).clone()  # not a view of what the scatter writes
+            x = x.scatter(dim, index, last) if x.requires_grad else x.scatter_(dim, index, last)
+            return x.narrow(dim, 0, k)
+
+        slots.positions[layer] = moved(slots.positions[layer], 1)
+        known = slots.key_valid.get(layer)
+        if known is not None and known.shape[1] == k + 1:
+            slots.key_valid[layer] = moved(known, 1)
+        else:
+            slots.key_valid.pop(layer, None)
+        keys, values = compat.layer_entries(cache, layer)
+        compat.replace_layer_entries(cache, layer, moved(keys, 2), moved(values, 2))
+        return moved(state, 1)
 
     # -- statistics ------------------------------------------------------------------------------------------
     def last_prompt_counts(self) -> "PromptCounts | None":
