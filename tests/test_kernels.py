@@ -75,6 +75,23 @@ def test_row_attention_matches_reference(triton_backend, dtype, reduce, kind):
         torch.testing.assert_close(got[finite], expected[finite], rtol=1e-4, atol=1e-5)
 
 
+def test_row_attention_reference_in_chunks_equals_the_plain_formula(monkeypatch):
+    """The reference goes through rows in chunks (cache-sized passes); any chunking gives the per-head softmax of
+    q·Kᵀ·scale, masked, reduced over heads — written out here in one piece."""
+    from vlm_compress.kernels import reference
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 21, 8, generator=g)
+    allowed = torch.rand(2, 9, 21, generator=g) > 0.4
+    allowed[0, 4] = False
+    logits = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 8 ** -0.5
+    expected = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1).nan_to_num(0.0).mean(1)
+    for chunk in (1, 2 * 4 * 21 * 3, 2**20):  # one row per chunk, three rows (a ragged last chunk), everything at once
+        monkeypatch.setattr(reference, "CHUNK_ELEMENTS", chunk)
+        torch.testing.assert_close(reference.row_attention(q, k, 8 ** -0.5, "mean", "probs", allowed), expected)
+    assert reference.row_attention(q[:, :, :0], k, 1.0).shape == (2, 0, 21)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_window_merge_matches_reference(triton_backend, dtype):
     g = torch.Generator().manual_seed(2)

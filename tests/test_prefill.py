@@ -243,6 +243,21 @@ def test_step_validity_is_kept_incrementally_and_equals_the_full_rebuild():
     assert slots.key_valid[0].tolist() == [[False, True, True, True, True], [True, False, False, False, True]]
 
 
+@pytest.mark.parametrize("spec", ["fastv", "atp", "mustdrop_llm", "h2o"])
+def test_scoring_reuses_each_layers_own_queries(deep, batch, spec):
+    """Row attention at a scoring layer takes the queries the layer itself projected: q_proj runs once per layer
+    and call, prompt or decode step, never again for the scores (ATP scores every visual row: that projection
+    was a fifth of its prefill)."""
+    options = {"atp": {"heads": None}, "fastv": {"layer": 1}}.get(spec, {})
+    compress(deep, budget=0.5, method=spec, **options)
+    calls = []
+    for i, layer in enumerate(deep.model.language_model.layers):
+        layer.self_attn.q_proj.register_forward_hook(lambda module, args, out, i=i: calls.append((i, args[0].shape[1])))
+    greedy(deep, batch, steps=3)
+    per_layer = [sum(1 for c in calls if c[0] == i) for i in range(LAYERS)]
+    assert per_layer == [3] * LAYERS  # the prompt and two fed steps
+
+
 # -- decode stage: h2o ------------------------------------------------------------------------------------------
 
 

@@ -50,24 +50,40 @@ def topk_gather(scores: torch.Tensor, features: torch.Tensor, group_sizes: torch
     return gathered.masked_fill(index[..., None] < 0, 0), index, counts
 
 
+CHUNK_ELEMENTS = 2**20  # per-head logits of one chunk of rows: ~4 MB of float32, kept in cache between passes
+
+
 def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = "mean", kind: str = "probs",
                   allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Head-reduced attention of a few query rows over all keys, float32 [B, R, N].
 
     q [B, H, R, hd], k [B, H_kv, N, hd] (RoPE already applied; H a multiple of H_kv), ``allowed`` [B, R, N] bool.
     ``probs``: per-head softmax (a row with no allowed key is all zero), masked entries 0. ``logits``: masked
-    entries ``-inf``.
+    entries ``-inf``. Rows go in chunks of about :data:`CHUNK_ELEMENTS` per-head logits, so the passes after the
+    product (mask, softmax, head reduction) run over cache-sized tensors, and peak memory stays bounded for many
+    rows (ATP's every-visual-row scoring).
     """
-    groups = q.shape[1] // k.shape[1]
-    logits = torch.matmul(q.float(), k.float().repeat_interleave(groups, dim=1).transpose(-1, -2)) * scale
+    b, h, r, _ = q.shape
+    groups = h // k.shape[1]
+    keys = (k.float() if groups == 1 else k.float().repeat_interleave(groups, dim=1)).transpose(-1, -2)
+    # the mask as an additive [B, 1, rows, N] bias and the scale on q: passes over small tensors, not [B, H, rows, N]
+    bias = None
     if allowed is not None:
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    per_head = torch.softmax(logits, dim=-1).nan_to_num(0.0) if kind == "probs" else logits
-    if reduce == "mean":
-        return per_head.mean(dim=1)
-    if reduce == "sum":
-        return per_head.sum(dim=1)
-    return per_head.amax(dim=1)
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill_(~allowed, float("-inf"))
+    rows = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
+    out = []
+    for start in range(0, max(r, 1), rows):  # zero rows: one empty chunk
+        logits = torch.matmul(q[:, :, start : start + rows].float() * scale, keys)
+        if bias is not None:
+            logits += bias[:, None, start : start + rows]
+        per_head = torch.softmax(logits, dim=-1).nan_to_num(0.0) if kind == "probs" else logits
+        if reduce == "mean":
+            out.append(per_head.mean(dim=1))
+        elif reduce == "sum":
+            out.append(per_head.sum(dim=1))
+        else:
+            out.append(per_head.amax(dim=1))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
 def window_merge(values: torch.Tensor, metric: torch.Tensor, windows: torch.Tensor, threshold: float,

@@ -166,12 +166,14 @@ class PromptLayerView:
 
     def __init__(self, stage: "PrefillStage", i: int, hidden: torch.Tensor, out: torch.Tensor,
                  layer_hidden: torch.Tensor, layer_positions: torch.Tensor, layer_cos: torch.Tensor,
-                 layer_sin: torch.Tensor, kwargs: dict):
+                 layer_sin: torch.Tensor, kwargs: dict, layer_queries: torch.Tensor | None = None):
         self.stage, self.i, self.hidden, self.out = stage, i, hidden, out
         self.layer_hidden, self.layer_positions = layer_hidden, layer_positions
         self.layer_cos, self.layer_sin, self.kwargs = layer_cos, layer_sin, kwargs
+        self.layer_queries = layer_queries  # [B, n, H·hd] the layer's own q_proj output on its rows (before RoPE)
         self._layer_keys: torch.Tensor | None = None
         self._normed: torch.Tensor | None = None
+        self._row_of: torch.Tensor | None = None
 
     @property
     def layer(self) -> nn.Module:
@@ -198,13 +200,38 @@ class PromptLayerView:
         cos, sin = compat.rotary_tables(self.kwargs)
         q_cos = _gather_rows(_with_dummy(cos), index)
         q_sin = _gather_rows(_with_dummy(sin), index)
-        queries = project_queries(self.layer, _gather_rows(_with_dummy(self.hidden), index), q_cos, q_sin)
+        queries = self._own_queries(index, real, q_cos, q_sin)
+        if queries is None:
+            queries = project_queries(self.layer, _gather_rows(_with_dummy(self.hidden), index), q_cos, q_sin)
         query_positions = torch.where(real, index, -1)
         allowed = self.stage.slots.allowed(self.i, query_positions) & real[:, :, None]
         probs = row_attention(self.layer, queries, self.layer_keys(), allowed)  # [B, R, K]
         out = probs.new_zeros(probs.shape[0], probs.shape[1], s + 1)
         out.scatter_(2, self._scatter_target()[:, None, :].expand_as(probs), probs)
         return out[..., :s]
+
+    def _own_queries(self, index: torch.Tensor, real: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor | None:
+        """[B, H, R, hd] the queries of the rows at ``index`` [B, R] taken from the layer's own projection (RoPE
+        applied here), or ``None`` when some requested row was not processed by the layer (then recomputed)."""
+        if self.layer_queries is None:
+            return None
+        if self._row_of is None:  # prompt position → the layer's row holding it (-1: not processed)
+            b, n = self.layer_positions.shape
+            row_of = torch.full((b, self.hidden.shape[1] + 1), -1, dtype=torch.long, device=index.device)
+            processed = self.layer_positions >= 0
+            rows = torch.arange(n, device=index.device).expand(b, n)
+            row_of.scatter_(1, torch.where(processed, self.layer_positions, self.hidden.shape[1]),
+                            torch.where(processed, rows, -1))
+            row_of[:, -1] = -1
+            self._row_of = row_of
+        at = torch.gather(self._row_of, 1, index)
+        if bool((at[real] < 0).any()):
+            return None
+        picked = _gather_rows(self.layer_queries, at.clamp(min=0))  # padding rows: any row, masked later
+        b, r, _ = picked.shape
+        q = picked.view(b, r, -1, self.layer.self_attn.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin)
 
     def keys(self) -> torch.Tensor:
         """[B, S, H_kv·hd] the layer's post-RoPE keys, heads concatenated, at prompt positions (zeros elsewhere)."""
@@ -271,7 +298,7 @@ class PrefillStage:
         self.record: PrefillRecord | None = None
         self.prefilling = False
         self.policies: list[Any] = []  # decode-stage methods (pruners.llm_base.DecodePolicy)
-        self._step_queries: dict[int, torch.Tensor] = {}  # q_proj outputs of the decode step being run
+        self._step_queries: dict[int, torch.Tensor] = {}  # q_proj outputs kept for scoring (prompt or step)
         self._capture: int | None = None  # the layer whose q_proj output is kept now
         self._mlp_scales: dict[int, torch.Tensor | None] = {}
         self.active = False  # inside a call of the compressed model (a direct call of the LLM runs untouched)
@@ -303,13 +330,15 @@ class PrefillStage:
             patch_method(layer, "forward", functools.partial(self._layer_forward, index))
             if scales:
                 patch_method(layer.mlp, "forward", functools.partial(self._mlp_forward, index))
-            if steps:
+            if steps or self.policies or index in self.scoring:
                 patch_method(layer.self_attn.q_proj, "forward", functools.partial(self._q_forward, index))
         return self.layers
 
     def _q_forward(self, index: int, q_proj: nn.Module, original: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
-        """Decoder layer ``index``'s query projection while a decode policy observes steps: keeps the step's
-        queries [B, 1, H·hd] for :class:`StepLayerView` (a :class:`~vlm_compress.patching.Patched` impl)."""
+        """Decoder layer ``index``'s query projection at a layer something scores: keeps the queries it computes
+        ([B, n, H·hd], the prompt rows the layer processed, or a decode step's one row) for
+        :class:`PromptLayerView` / :class:`StepLayerView`, so scoring never projects them again (a
+        :class:`~vlm_compress.patching.Patched` impl)."""
         out = original(x)
         if self._capture == index:
             self._step_queries[index] = out
@@ -445,18 +474,25 @@ class PrefillStage:
             call["attention_mask"] = self._mask(slots.allowed(i, layer_positions), hidden.dtype, key_bias)
             layer_scales = _gather_rows(_with_dummy(scales[..., None]), index)[..., 0] if scales is not None else None
             plan = LayerPlan(call=call, index=index, active=active, scales=scales, layer_scales=layer_scales)
-        if i in self._checkpoint:
-            plan.call = _without_cache(plan.call)
-            out, layer_hidden = self._checkpointed(i, functools.partial(self._run_plan, i, original, plan=plan), hidden)
-        else:
-            out, layer_hidden = self._run_plan(i, original, hidden, plan)
+        observed = i in self.scoring or bool(self.policies)
+        self._capture = i if observed else None
+        try:
+            if i in self._checkpoint:
+                plan.call = _without_cache(plan.call)
+                out, layer_hidden = self._checkpointed(i, functools.partial(self._run_plan, i, original, plan=plan),
+                                                       hidden)
+            else:
+                out, layer_hidden = self._run_plan(i, original, hidden, plan)
+        finally:
+            self._capture = None
+        layer_queries = self._step_queries.pop(i, None)
         counted = active & ctx.valid
         self.record.tokens.append(counted.sum(dim=1))
         self.record.visual.append((counted & ctx.visual).sum(dim=1))
         if i in self.scoring or self.policies:
             started = time.perf_counter()
             attention = PromptLayerView(
-                self, i, hidden, out, layer_hidden, layer_positions, layer_cos, layer_sin, kwargs
+                self, i, hidden, out, layer_hidden, layer_positions, layer_cos, layer_sin, kwargs, layer_queries
             )
             for policy in self.policies:
                 policy.observe(i, ctx, attention)
