@@ -31,12 +31,17 @@ def _triton_module():
     return triton_kernels
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # ~20 µs: once, not at every decode step's scoring
+
+
 def backend(*tensors: torch.Tensor) -> str:
     """``"triton"`` or ``"torch"``: what a kernel call on ``tensors`` runs now."""
     choice = os.environ.get(ENV, "auto").lower()
     if choice not in BACKENDS:
         raise ValueError(f"{ENV} must be one of {BACKENDS}, got {choice!r}")
-    available = importlib.util.find_spec("triton") is not None
+    available = _triton_installed()
     if choice == "triton":
         if not available:
             raise RuntimeError(f"{ENV}=triton but triton is not installed: pip install triton, or unset {ENV}")

@@ -40,10 +40,13 @@ from .llm_base import DecodePolicy, LayerView, PrefillContext, StepView
 
 @dataclasses.dataclass
 class RollingScores:
-    """Per layer: ``scores[l]`` [B, K_l] accumulated attention of each cache slot, in slot order; ``capacity[l]``
-    [B] the slots each row's cache holds between steps (-1: unbounded, the prompt's edit evicted nothing)."""
+    """Per layer, in slot order: ``scores[l]`` [B, K_l] float32, each cache slot's accumulated attention;
+    ``evictable[l]`` [B, K_l] bool, slots of a kind that may go (visual, or generated; the window is checked at
+    each step); ``capacity[l]`` [B] the non-padding slots each row holds between steps (-1: unbounded, the prompt's
+    edit evicted nothing)."""
 
     scores: dict[int, torch.Tensor]
+    evictable: dict[int, torch.Tensor]
     capacity: dict[int, torch.Tensor]
 
 
@@ -75,13 +78,14 @@ class HeavyHitterPolicy(DecodePolicy):
         if state is None or layer not in state.scores:
             return
         probs = attention()  # [B, K + 1]: the step's own slot last
-        state.scores[layer] = _padded(state.scores[layer], probs.shape[1]) + probs
+        state.scores[layer] = _padded(state.scores[layer], probs.shape[1]) + probs  # `evictable` grows at the edit
 
     def reorder(self, ctx: PrefillContext, beam_idx: torch.Tensor) -> None:
         state: RollingScores | None = ctx.extras.get("h2o_rolling")
         if state is not None:
-            state.scores = {layer: s.index_select(0, beam_idx) for layer, s in state.scores.items()}
-            state.capacity = {layer: c.index_select(0, beam_idx) for layer, c in state.capacity.items()}
+            for field in ("scores", "evictable", "capacity"):
+                rows = {layer: x.index_select(0, beam_idx) for layer, x in getattr(state, field).items()}
+                setattr(state, field, rows)
 
     def apply(self, stage, cache, prompt: bool) -> None:
         if cache is None:
@@ -96,7 +100,7 @@ class HeavyHitterPolicy(DecodePolicy):
         scores = ctx.extras.get("h2o", {})
         s = ctx.visual.shape[1]
         recent = torch.arange(s, device=ctx.visual.device)[None, :] >= ctx.valid.shape[1] - self.window
-        state = RollingScores(scores={}, capacity={})
+        state = RollingScores(scores={}, evictable={}, capacity={})
         for layer in range(len(stage.layers)):
             positions = slots.positions[layer]
             real = positions >= 0
@@ -112,6 +116,8 @@ class HeavyHitterPolicy(DecodePolicy):
             keep = top_visual(score, visual, keep_count) | (real & ~visual)
             index, kept = stage.keep_slots(cache, layer, keep)
             state.scores[layer] = torch.where(kept, torch.gather(score, 1, index), 0.0).float()
+            kind = torch.gather(ctx.visual & ctx.valid, 1, at) & real  # visual, in the window or not
+            state.evictable[layer] = kept & torch.gather(kind, 1, index)
             state.capacity[layer] = torch.where(evicts, slots.cached_tokens(layer), -1)
         if self.rolling and state.scores:
             ctx.extras["h2o_rolling"] = state
@@ -119,29 +125,34 @@ class HeavyHitterPolicy(DecodePolicy):
     def _evict_step(self, stage, cache) -> None:
         """After a decode step: each bounded row drops its lowest-scoring eligible slot (visual, or generated and
         older than the window) until it is back at its capacity."""
-        ctx, slots = stage.ctx, stage.slots
-        state: RollingScores | None = ctx.extras.get("h2o_rolling")
+        slots = stage.slots
+        state: RollingScores | None = stage.ctx.extras.get("h2o_rolling")
         if state is None:
             return
-        s = ctx.visual.shape[1]
         for layer, capacity in state.capacity.items():
             positions = slots.positions[layer]
-            score = _padded(state.scores[layer], positions.shape[1])  # a multi-token step was not observed
-            real = (positions >= 0) & torch.gather(slots.valid, 1, positions.clamp(min=0))
-            visual = torch.gather(ctx.visual, 1, positions.clamp(0, s - 1)) & (positions < s)
-            eligible = real & (visual | (positions >= s)) & (positions < slots.length - self.window)
+            width = positions.shape[1]
+            score = _padded(state.scores[layer], width)  # a multi-token step was not observed: new slots at 0
+            evictable = _padded(state.evictable[layer], width, True)  # generated tokens since the last edit
+            real = slots.key_valid.get(layer)
+            if real is None or real.shape[1] != width:
+                real = (positions >= 0) & torch.gather(slots.valid, 1, positions.clamp(min=0))
+            eligible = evictable & real & (positions < slots.length - self.window)
             over = torch.where(capacity >= 0, real.sum(dim=1) - capacity, 0).clamp(max=eligible.sum(dim=1))
-            if not bool((over > 0).any()):
-                state.scores[layer] = score
+            over_max, over_min = torch.aminmax(over)
+            if int(over_max) <= 0:
+                state.scores[layer], state.evictable[layer] = score, evictable
                 continue
-            if bool((over == 1).all()):  # the usual step: one in, one out, written in place
+            if int(over_min) == 1:  # the usual step: one in, one out, written in place
                 drop = score.masked_fill(~eligible, float("inf")).argmin(dim=1)  # [B]
-                state.scores[layer] = stage.replace_with_last(cache, layer, drop, score)
+                state.scores[layer], state.evictable[layer] = stage.replace_with_last(cache, layer, drop,
+                                                                                      (score, evictable))
                 continue
             keep_count = eligible.sum(dim=1) - over.clamp(min=0)
             keep = top_visual(score, eligible, keep_count) | (real & ~eligible)
             index, kept = stage.keep_slots(cache, layer, keep)
             state.scores[layer] = torch.where(kept, torch.gather(score, 1, index), 0.0)
+            state.evictable[layer] = kept & torch.gather(evictable, 1, index)
 
     def _kept(self, count: torch.Tensor, ctx: PrefillContext) -> torch.Tensor:
         if isinstance(self.budget, float):
@@ -149,6 +160,8 @@ class HeavyHitterPolicy(DecodePolicy):
         return torch.minimum(count, ctx.images * int(self.budget))
 
 
-def _padded(scores: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, K] → [B, width]: zero scores for slots appended since (new tokens start at nothing)."""
-    return torch.nn.functional.pad(scores, (0, width - scores.shape[1]))
+def _padded(values: torch.Tensor, width: int, fill: float | bool = 0.0) -> torch.Tensor:
+    """[B, K] → [B, width]: ``fill`` for slots appended since (new tokens start at a score of nothing)."""
+    if values.shape[1] == width:
+        return values
+    return torch.cat([values, values.new_full((values.shape[0], width - values.shape[1]), fill)], dim=1)

@@ -618,11 +618,12 @@ class PrefillStage:
         slots.reshaped = True
         return index, real
 
-    def replace_with_last(self, cache: Any, layer: int, drop: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def replace_with_last(self, cache: Any, layer: int, drop: torch.Tensor,
+                          state: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, ...]:
         """Evict slot ``drop[b]`` [B] of every row of layer ``layer``'s cache by moving the row's last slot (the
         step's own entry) into it, then dropping the last column: one slot out per row at the cost of one entry's
-        copy, not the whole cache's. Slot order carries no meaning (masks come from slot positions). ``state``
-        [B, K]: the caller's per-slot values, moved the same way; returned [B, K - 1]."""
+        copy, not the whole cache's. Slot order carries no meaning (masks come from slot positions). ``state``:
+        the caller's per-slot tensors [B, K], moved the same way and returned [B, K - 1]."""
         slots = self.slots
         at = drop[:, None]
         k = slots.positions[layer].shape[1] - 1
@@ -644,7 +645,7 @@ class PrefillStage:
             slots.key_valid.pop(layer, None)
         keys, values = compat.layer_entries(cache, layer)
         compat.replace_layer_entries(cache, layer, moved(keys, 2), moved(values, 2))
-        return moved(state, 1)
+        return tuple(moved(x, 1) for x in state)
 
     # -- statistics ------------------------------------------------------------------------------------------
     def last_prompt_counts(self) -> "PromptCounts | None":
