@@ -72,6 +72,13 @@ def _with_dummy(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], dim=1)
 
 
+def _reading(index: torch.Tensor, s: int) -> torch.Tensor:
+    """A :func:`pack` index [B, n] for gathers from a tensor of ``s`` rows: padding entries (``s``) read the last
+    row instead of a dummy one (what a padding row computes is never kept), so no full-size copy with a dummy row
+    is made."""
+    return index.clamp(max=s - 1)
+
+
 @dataclasses.dataclass
 class LayerSlots:
     """What each layer's KV cache holds: ``positions[l]`` is [B, K_l], the sequence index of every cache slot
@@ -126,7 +133,8 @@ class LayerPlan:
 
     call: the original layer's keyword arguments. index: [B, n] gathered positions (padding → S), ``None`` when the
     layer processes every token. active: [B, S] processed tokens. scales / layer_scales: p-MoD's STRing weights
-    over [B, S] / over the processed rows.
+    over [B, S] / over the processed rows. padded: some row of ``index`` is padding (samples process different
+    counts), so the scatter back needs a dummy row.
     """
 
     call: dict[str, Any]
@@ -134,6 +142,7 @@ class LayerPlan:
     active: torch.Tensor
     scales: torch.Tensor | None
     layer_scales: torch.Tensor | None
+    padded: bool = False
 
 
 @dataclasses.dataclass
@@ -198,11 +207,11 @@ class PromptLayerView:
         s = self.hidden.shape[1]
         index, real = pack(rows, dummy=s)
         cos, sin = compat.rotary_tables(self.kwargs)
-        q_cos = _gather_rows(_with_dummy(cos), index)
-        q_sin = _gather_rows(_with_dummy(sin), index)
+        at = _reading(index, s)
+        q_cos, q_sin = _gather_rows(cos, at), _gather_rows(sin, at)
         queries = self._own_queries(index, real, q_cos, q_sin)
         if queries is None:
-            queries = project_queries(self.layer, _gather_rows(_with_dummy(self.hidden), index), q_cos, q_sin)
+            queries = project_queries(self.layer, _gather_rows(self.hidden, at), q_cos, q_sin)
         query_positions = torch.where(real, index, -1)
         allowed = self.stage.slots.allowed(self.i, query_positions) & real[:, :, None]
         probs = row_attention(self.layer, queries, self.layer_keys(), allowed)  # [B, R, K]
@@ -461,19 +470,20 @@ class PrefillStage:
             layer_positions, layer_cos, layer_sin = positions, cos.expand(b, -1, -1), sin.expand(b, -1, -1)
         else:
             index, real = pack(active, dummy=s)
-            layer_cos = _gather_rows(_with_dummy(cos), index)
-            layer_sin = _gather_rows(_with_dummy(sin), index)
+            at = _reading(index, s)
+            layer_cos, layer_sin = _gather_rows(cos, at), _gather_rows(sin, at)
             layer_positions = torch.where(real, index, -1)
             slots.positions[i] = layer_positions
             slots.reshaped = True
             call = compat.with_rotary_tables(kwargs, layer_cos, layer_sin)
             if call.get("position_ids") is not None:
-                call["position_ids"] = _gather_rows(_with_dummy(call["position_ids"].expand(b, -1)[..., None]), index)[..., 0]
+                call["position_ids"] = _gather_rows(call["position_ids"].expand(b, -1)[..., None], at)[..., 0]
             # padding rows (-1) see only padding slots: finite outputs, which the scatter then discards
-            key_bias = _gather_rows(_with_dummy(bias[..., None]), index)[..., 0] if bias is not None else None
+            key_bias = _gather_rows(bias[..., None], at)[..., 0] if bias is not None else None
             call["attention_mask"] = self._mask(slots.allowed(i, layer_positions), hidden.dtype, key_bias)
-            layer_scales = _gather_rows(_with_dummy(scales[..., None]), index)[..., 0] if scales is not None else None
-            plan = LayerPlan(call=call, index=index, active=active, scales=scales, layer_scales=layer_scales)
+            layer_scales = _gather_rows(scales[..., None], at)[..., 0] if scales is not None else None
+            plan = LayerPlan(call=call, index=index, active=active, scales=scales, layer_scales=layer_scales,
+                             padded=not bool(real.all()))
         observed = i in self.scoring or bool(self.policies)
         self._capture = i if observed else None
         try:
@@ -545,14 +555,17 @@ class PrefillStage:
         rows [B, n, D]). Called once per prompt, and again by a gradient checkpoint's recompute."""
         if plan.index is None:
             return self._call(i, original, hidden, plan.call, plan.layer_scales), hidden
-        layer_hidden = _gather_rows(_with_dummy(hidden), plan.index)
+        s = hidden.shape[1]
+        layer_hidden = _gather_rows(hidden, _reading(plan.index, s))
         layer_out = self._call(i, original, layer_hidden, plan.call, plan.layer_scales)
-        out = _with_dummy(hidden.clone())
+        # skipped tokens pass through (STRing: scaled by their weight); processed ones are overwritten below
+        skipped = hidden * plan.scales[..., None].to(hidden.dtype) if plan.scales is not None else hidden
+        if plan.padded:
+            out = _with_dummy(skipped)
+        else:
+            out = skipped.clone() if skipped is hidden else skipped
         out.scatter_(1, plan.index[..., None].expand_as(layer_out), layer_out)
-        out = out[:, : hidden.shape[1]]
-        if plan.scales is not None:  # STRing: a skipped token's hidden state is scaled by its weight
-            out = torch.where(plan.active[..., None], out, hidden * plan.scales[..., None].to(hidden.dtype))
-        return out, layer_hidden
+        return (out[:, :s] if plan.padded else out), layer_hidden
 
     def _call(self, i: int, original: Callable[..., Any], hidden: torch.Tensor, kwargs: dict,
               scales: torch.Tensor | None) -> Any:
