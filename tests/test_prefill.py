@@ -258,6 +258,26 @@ def test_scoring_reuses_each_layers_own_queries(deep, batch, spec):
     assert per_layer == [3] * LAYERS  # the prompt and two fed steps
 
 
+def test_decode_steps_over_unpadded_caches_take_the_stock_unmasked_path(deep, processor, images, batch):
+    """A one-token step over a cache with no padding slot needs no mask (every slot precedes the query), so the
+    layer gets none, as the stock model's decode does; a padded batch still gets one. (That both paths give the
+    same logits is what the batch-equals-single tests check.)"""
+    compress(deep, budget=0.5, method="fastv", layer=1)
+    masks = []
+    def seen(module, args, kwargs):  # what the stage hands the attention inside the original layer
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden.shape[1] == 1:
+            masks.append(kwargs.get("attention_mask"))
+
+    hook = deep.model.language_model.layers[2].self_attn.register_forward_pre_hook(seen, with_kwargs=True)
+    greedy(deep, single(processor, images, 0), steps=4)
+    assert len(masks) == 3 and all(m is None for m in masks)
+    masks.clear()
+    greedy(deep, batch, steps=4)
+    hook.remove()
+    assert len(masks) == 3 and all(m is not None and m.shape[-1] > 0 for m in masks)
+
+
 # -- decode stage: h2o ------------------------------------------------------------------------------------------
 
 

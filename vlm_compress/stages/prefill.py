@@ -86,7 +86,9 @@ class LayerSlots:
     index over everything seen so far. ``length``: sequence indices seen before the current call.
     ``key_valid[l]`` [B, K_l]: which of layer ``l``'s slots hold a non-padding token, kept incrementally during
     decoding (one column appended per step, dropped by a cache edit and rebuilt once) instead of gathered anew from
-    ``valid`` each step (issue #21).
+    ``valid`` each step (issue #21). ``dense[l]``: host-side, every slot of ``key_valid[l]`` is valid, so a decode
+    step needs no mask there (the stock model's path: SDPA without a mask); ``step_valid``: the current step's new
+    tokens are all valid (one device sync per step, not per layer).
     """
 
     positions: list[torch.Tensor | None]
@@ -94,6 +96,8 @@ class LayerSlots:
     length: int = 0
     reshaped: bool = False  # some layer's cache differs from "every token so far" (pruned or evicted)
     key_valid: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    dense: dict[int, bool] = dataclasses.field(default_factory=dict)
+    step_valid: bool = True
 
     def allowed(self, layer: int, query_positions: torch.Tensor) -> torch.Tensor:
         """[B, Q, K] which of layer ``layer``'s slots each query (sequence indices [B, Q]) may attend to."""
@@ -103,8 +107,9 @@ class LayerSlots:
         itself = keys[:, None, :] == query_positions[:, :, None]
         return (real[:, None, :] & causal) | itself
 
-    def step_allowed(self, layer: int, query_positions: torch.Tensor) -> torch.Tensor:
-        """[B, 1, K] :meth:`allowed` for one decode step whose query [B, 1] was just appended to layer ``layer``.
+    def step_allowed(self, layer: int, query_positions: torch.Tensor) -> torch.Tensor | None:
+        """[B, 1, K] :meth:`allowed` for one decode step whose query [B, 1] was just appended to layer ``layer``;
+        ``None`` when every slot is allowed (no mask needed).
 
         Every cached slot precedes the query, so causality holds for all of them and only validity matters: the
         layer's ``key_valid`` grows by the query's column (built in full once after a prefill or a cache edit).
@@ -113,9 +118,13 @@ class LayerSlots:
         known = self.key_valid.get(layer)
         if known is None or known.shape[1] != keys.shape[1] - 1:
             valid = (keys >= 0) & torch.gather(self.valid, 1, keys.clamp(min=0))
+            self.dense[layer] = bool(valid.all())
         else:
             valid = torch.cat([known, torch.gather(self.valid, 1, query_positions)], dim=1)
+            self.dense[layer] = self.dense.get(layer, False) and self.step_valid
         self.key_valid[layer] = valid
+        if self.dense[layer]:
+            return None
         allowed = valid.clone()
         allowed[:, -1] = True  # a query always sees itself (padding rows stay finite)
         return allowed[:, None, :]
@@ -264,9 +273,9 @@ class StepLayerView:
     """:class:`~vlm_compress.pruners.llm_base.StepView` of decoder layer ``i`` right after it ran on a one-token
     decode step: the step's query (``q_proj``'s output [B, 1, H·hd], kept by the stage's ``q_proj`` patch, so no
     projection is recomputed) against the layer's cache, which now ends with the step's own slot. ``allowed``:
-    [B, K] the step's mask row."""
+    [B, K] the step's mask row (``None``: every slot)."""
 
-    def __init__(self, layer: nn.Module, i: int, query: torch.Tensor, kwargs: dict, allowed: torch.Tensor):
+    def __init__(self, layer: nn.Module, i: int, query: torch.Tensor, kwargs: dict, allowed: torch.Tensor | None):
         self.layer, self.i, self.query, self.kwargs, self.allowed = layer, i, query, kwargs, allowed
         self._probs: torch.Tensor | None = None
 
@@ -278,7 +287,8 @@ class StepLayerView:
             q = self.query.view(b, 1, -1, attn.head_dim).transpose(1, 2)
             q = apply_rope(q, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
             keys = compat.layer_keys(compat.cache_of_call(self.kwargs), self.i)
-            self._probs = row_attention(self.layer, q, keys, self.allowed[:, None, :])[:, 0]
+            allowed = self.allowed[:, None, :] if self.allowed is not None else None
+            self._probs = row_attention(self.layer, q, keys, allowed)[:, 0]
         return self._probs
 
 
@@ -429,6 +439,7 @@ class PrefillStage:
         else:
             ones = self.slots.valid.new_ones(self.slots.valid.shape[0], total - self.slots.valid.shape[1])
             self.slots.valid = torch.cat([self.slots.valid, ones], dim=1)[:, :total]
+        self.slots.step_valid = bool(self.slots.valid[:, -new:].all())
 
     # -- the layer wrapper -----------------------------------------------------------------------------------
     def _layer_forward(self, index: int, layer: nn.Module, original: Callable[..., Any], hidden_states: torch.Tensor,
@@ -591,7 +602,7 @@ class PrefillStage:
             return original(hidden, **kwargs)
         call = dict(kwargs)
         allowed = slots.step_allowed(i, query) if q == 1 else slots.allowed(i, query)
-        call["attention_mask"] = self._mask(allowed, hidden.dtype)
+        call["attention_mask"] = self._mask(allowed, hidden.dtype) if allowed is not None else None
         observers = [p for p in self.policies if p.observes_steps()] if q == 1 else []
         if not observers:
             return original(hidden, **call)
@@ -607,7 +618,7 @@ class PrefillStage:
                 f"decoder layer {i} did not call self_attn.q_proj during the decode step; step-observing decode "
                 "policies (h2o with rolling=True) need Llama-style attention — pass rolling=False"
             )
-        view = StepLayerView(self.layers[i], i, query, kwargs, allowed[:, 0])
+        view = StepLayerView(self.layers[i], i, query, kwargs, allowed[:, 0] if allowed is not None else None)
         for policy in observers:
             policy.observe_step(i, self.ctx, view)
         self.record.step_select_s += time.perf_counter() - started
