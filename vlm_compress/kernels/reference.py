@@ -67,22 +67,26 @@ def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = 
     groups = h // k.shape[1]
     keys = (k.float() if groups == 1 else k.float().repeat_interleave(groups, dim=1)).transpose(-1, -2)
     # the mask as an additive [B, 1, rows, N] bias and the scale on q: passes over small tensors, not [B, H, rows, N]
-    bias = None
+    bias = blind = None
     if allowed is not None:
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill_(~allowed, float("-inf"))
+        blind = ~allowed.any(dim=-1, keepdim=True)  # [B, R, 1] rows with no allowed key: NaN softmax → zeros
     rows = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
     out = []
     for start in range(0, max(r, 1), rows):  # zero rows: one empty chunk
         logits = torch.matmul(q[:, :, start : start + rows].float() * scale, keys)
         if bias is not None:
             logits += bias[:, None, start : start + rows]
-        per_head = torch.softmax(logits, dim=-1).nan_to_num(0.0) if kind == "probs" else logits
+        per_head = torch.softmax(logits, dim=-1) if kind == "probs" else logits
         if reduce == "mean":
-            out.append(per_head.mean(dim=1))
+            reduced = per_head.mean(dim=1)
         elif reduce == "sum":
-            out.append(per_head.sum(dim=1))
+            reduced = per_head.sum(dim=1)
         else:
-            out.append(per_head.amax(dim=1))
+            reduced = per_head.amax(dim=1)
+        if kind == "probs" and blind is not None:  # on the head-reduced rows: H times less than the logits
+            reduced = reduced.masked_fill(blind[:, start : start + rows], 0.0)
+        out.append(reduced)
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
