@@ -50,7 +50,7 @@ def topk_gather(scores: torch.Tensor, features: torch.Tensor, group_sizes: torch
     return gathered.masked_fill(index[..., None] < 0, 0), index, counts
 
 
-CHUNK_ELEMENTS = 2**20  # per-head logits of one chunk of rows: ~4 MB of float32, kept in cache between passes
+CHUNK_ELEMENTS = 2**19  # per-head logits of one chunk of rows: ~2 MB of float32, kept in cache between passes
 
 
 def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = "mean", kind: str = "probs",
