@@ -463,10 +463,13 @@ def test_h2o_rolling_beam_search_follows_each_beam(deep, processor, images):
     torch.testing.assert_close(torch.stack(forced), beams[:steps].float(), rtol=1e-4, atol=1e-4)
 
 
-def test_h2o_rolling_step_scoring_is_timed(deep, batch):
+def test_h2o_rolling_step_scoring_is_timed_apart_from_the_prompts(deep, batch):
     compress(deep, budget=0.5, method="h2o", window=2)
+    deep(**batch, use_cache=True)
+    assert deep.compression.stats.decode_select_ms == 0.0  # a prompt alone: no decode step yet
     deep.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert deep.compression.prefill.record.step_select_s > 0
+    stats = deep.compression.stats
+    assert stats.decode_select_ms > 0 and stats.decode_select_ms == deep.compression.prefill.record.step_select_s * 1e3
 
 
 # -- MustDrop stages 2 and 3 ---------------------------------------------------------------------------------------

@@ -351,6 +351,7 @@ def _run_in_llm(state: CompressionState, original: Any, call: dict[str, Any], ca
     if state.stats is not None and stage.policies and stage.slots is not None:
         element = torch.finfo(next(stage.layers[0].parameters()).dtype).bits // 8
         state.stats.kv_cache_bytes_decode = stage.cache_bytes(element)
+        state.stats.decode_select_ms = stage.record.step_select_s * 1e3 if stage.record is not None else 0.0
         if not cached:  # what decoding starts from: the prompt's caches after eviction
             state.stats.kv_cache_bytes = state.stats.kv_cache_bytes_decode
     return out

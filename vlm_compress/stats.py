@@ -31,6 +31,7 @@ class CompressionStats:
     newlines_kept: int = 0  # of those, how many reach the LLM
     layer_visual_tokens: list[float] | None = None  # in-LLM methods: visual tokens per image at each layer
     kv_cache_bytes_decode: int | None = None  # decode policies: KV bytes after the last generated token
+    decode_select_ms: float = 0.0  # decode policies: per-step scoring and eviction, summed since the prompt
     kept_per_frame: list[list[int]] | None = None  # videos: tokens kept in each frame, per video
     frame_scores: list[list[float] | None] | None = None  # videos: a frame-scoring method's scores, per video
     scoring_passes: int = 0  # model passes a method ran to score (QuoTA: decoupling + frame relevance)
