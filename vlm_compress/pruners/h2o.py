@@ -12,8 +12,10 @@ of recent tokens; each step adds the new token and evicts the lowest-scoring one
 * **decode** (``rolling``, the paper's form): every step adds the new query's attention (head mean) to each
   slot's score; the step's slot joins the eligible set, and once it is older than ``window`` it competes with the
   visual slots; the eligible slot with the lowest score is evicted, so each layer's cache stays at the size the
-  prompt's edit left for any generation length. ``rolling=False``: generated tokens are never evicted and the
-  cache grows by one slot per step from the shrunken prompt.
+  prompt's edit left for any generation length (never below the prompt's text plus the window: when the kept
+  visual slots are fewer than ``window`` and all gone, the cache holds the text and the last ``window`` tokens).
+  ``rolling=False``: generated tokens are never evicted and the cache grows by one slot per step from the shrunken
+  prompt.
 
 Deliberate differences from the paper's code (``FMInference/H2O``, ``h2o_hf``): scores are head means, because a
 layer's cache here is one slot set shared by its heads (the official code masks per head over a full-size cache,
