@@ -395,6 +395,23 @@ def test_h2o_rolling_holds_the_cache_at_its_budget_for_100_tokens(deep, batch):
         assert bool((generated >= window).all())  # ...but not the recent ones
 
 
+@torch.no_grad()
+def test_h2o_rolling_holds_the_budget_when_several_tokens_are_fed_at_once(deep, batch):
+    """Steps of 1, 3 and 2 tokens (a user's own loop, speculative-style chunks): the unobserved new slots start at a
+    score of 0 and each row drops as many slots as it gained."""
+    compress(deep, budget=0.5, method="h2o", window=2)
+    stage = deep.compression.prefill
+    out = deep(**batch, use_cache=True)
+    capacity = [stage.slots.cached_tokens(layer).tolist() for layer in range(LAYERS)]
+    cache, mask = compat.cache_of_output(out), batch["attention_mask"]
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 3, 1, 2, 1):
+        tokens = torch.randint(5, 50, (3, n), generator=generator)
+        mask = torch.cat([mask, torch.ones_like(tokens)], 1)
+        deep(input_ids=tokens, attention_mask=mask, use_cache=True, **{compat.CACHE_ARGUMENT: cache})
+        assert [stage.slots.cached_tokens(layer).tolist() for layer in range(LAYERS)] == capacity
+
+
 @torch.no_grad()  # as generate runs: the cache edits are in place then
 def test_h2o_rolling_evicts_the_least_accumulated_slot(deep, batch):
     """Each decode step drops, per layer and row, the eligible slot (visual, or generated and older than the window)

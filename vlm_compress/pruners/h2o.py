@@ -145,7 +145,7 @@ class HeavyHitterPolicy(DecodePolicy):
             if int(over_max) <= 0:
                 state.scores[layer], state.evictable[layer] = score, evictable
                 continue
-            if int(over_min) == 1:  # the usual step: one in, one out, written in place
+            if int(over_min) == 1 and int(over_max) == 1:  # the usual step: one in, one out, written in place
                 drop = score.masked_fill(~eligible, float("inf")).argmin(dim=1)  # [B]
                 state.scores[layer], state.evictable[layer] = stage.replace_with_last(cache, layer, drop,
                                                                                       (score, evictable))
