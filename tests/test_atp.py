@@ -48,6 +48,19 @@ def context(visual_count=4, text=2):
                           protected=torch.zeros_like(visual), images=torch.tensor([1]), num_layers=32)
 
 
+class TableView:
+    """A LayerView over a fixed attention table [1, S, S] (row q, key j)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, rows):
+        return self.table[:, rows[0]]
+
+    def received(self, *groups):
+        return tuple(self(group).sum(dim=1) for group in groups)
+
+
 def test_scores_follow_the_formula():
     ctx = context()  # visual at 1..4, text at 5, 6
     table = torch.zeros(1, 7, 7)  # row q, key j
@@ -55,10 +68,7 @@ def test_scores_follow_the_formula():
     table[0, 5, 1:5] = torch.tensor([0.1, 0.2, 0.3, 0.4])
     table[0, 6, 1:5] = torch.tensor([0.3, 0.2, 0.1, 0.0])
 
-    def attention(rows):
-        return table[:, rows[0]]
-
-    s_self, s_cross = ATPPruner(heads=None).scores(ctx, attention)
+    s_self, s_cross = ATPPruner(heads=None).scores(ctx, TableView(table))
     received = torch.tensor([1.8, 1.2, 0.3, 0.4]) / torch.tensor([4.0, 3.0, 2.0, 1.0])  # ÷ queries that see the key
     torch.testing.assert_close(s_self[0, 1:5], received / received.max())
     cross = torch.tensor([0.2, 0.2, 0.2, 0.2])  # mean of the two text rows
@@ -75,8 +85,8 @@ def test_learned_rule_keeps_redundancy_or_spatial_survivors(tmp_path):
     table = torch.zeros(1, 7, 7)
     table[0, 1:5, 1:5] = torch.eye(4) * torch.tensor([1.0, 0.2, 0.2, 0.9])  # S_self ∝ [1, .2, .2, .9]/seen_by
     table[0, 5:7, 1:5] = torch.tensor([0.1, 0.1, 0.1, 0.7])
-    s_self, s_cross = pruner.scores(ctx, lambda rows: table[:, rows[0]])
-    pruner.after_layer(2, ctx, lambda rows: table[:, rows[0]])
+    s_self, s_cross = pruner.scores(ctx, TableView(table))
+    pruner.after_layer(2, ctx, TableView(table))
     red = (s_self + s_cross)[0, 1:5] / 2
     spatial = ctx.extras["atp_spatial"][0, 1:5]
     expected = (red > 0.6) | (spatial > 0.8)

@@ -135,6 +135,48 @@ def test_eager_attention_gives_the_same_plan_results(tokenizer, batch):
     torch.testing.assert_close(eager(**batch).logits[valid], sdpa(**batch).logits[valid], rtol=1e-4, atol=1e-4)
 
 
+@dataclasses.dataclass
+class ReceivedProbe(EveryNth):
+    """EveryNth's plan, recording at layers 0 and 2 ``attention.received`` of the layer's processed rows but the
+    last, split in two groups (summed over every processed row), and of the last token plus visual rows the layer
+    skipped (gathered, their queries projected again), beside ``attention(rows).sum(1)`` of each."""
+
+    name = "received_probe"
+
+    def scoring_layers(self, num_layers):
+        return (0, 2)
+
+    def after_layer(self, layer, ctx, attention):
+        processed = (self.layer_tokens(layer, ctx, None) if layer else torch.ones_like(ctx.visual)) & ctx.valid
+        most = processed & ~ctx.last_token
+        skipped = ctx.visual & ctx.valid & ~processed
+        few = ctx.last_token | (skipped & (torch.cumsum(skipped.long(), dim=1) <= 2))
+        text, image = most & ~ctx.visual, most & ctx.visual
+        groups = (text, image, few)
+        received = attention.received(text, image) + attention.received(few)
+        ctx.extras[layer] = received, tuple(attention(group).sum(dim=1) for group in groups)
+
+
+def test_received_sums_the_rows_attention_on_both_paths(deep, batch):
+    """``received`` equals the rows' attention summed, over all processed rows (most) or gathered rows (few), at a
+    full layer (checked against eager's weights too) and at a pruned one, with left padding."""
+    reference = copy.deepcopy(deep)
+    reference.set_attn_implementation("eager")
+    attentions = reference(**batch, output_attentions=True).attentions  # test side only
+    compress(deep, method=ReceivedProbe(budget=0.5))
+    deep(**batch)
+    ctx = deep.compression.prefill.ctx
+    for layer in (0, 2):
+        received, summed = ctx.extras[layer]
+        for got, want in zip(received, summed):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    processed = ctx.valid & ~ctx.last_token
+    eager = (attentions[0].mean(dim=1) * processed[:, :, None]).sum(dim=1)
+    torch.testing.assert_close(ctx.extras[0][0][0] + ctx.extras[0][0][1], eager, rtol=1e-4, atol=1e-5)
+    for group in ctx.extras[2][0]:
+        assert group.sum(dim=1).gt(0).all()  # each group's probabilities are there
+
+
 def test_fastv_keeps_the_top_of_the_last_rows_attention_at_layer_k_minus_1(deep, batch):
     """Reference: the eager model's own attention weights (allowed in a test, never in the method)."""
     reference = copy.deepcopy(deep)

@@ -71,6 +71,7 @@ def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = 
     if allowed is not None:
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill_(~allowed, float("-inf"))
         blind = ~allowed.any(dim=-1, keepdim=True)  # [B, R, 1] rows with no allowed key: NaN softmax → zeros
+        blind = blind if kind == "probs" and bool(blind.any()) else None
     rows = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
     out = []
     for start in range(0, max(r, 1), rows):  # zero rows: one empty chunk
@@ -84,7 +85,7 @@ def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = 
             reduced = per_head.sum(dim=1)
         else:
             reduced = per_head.amax(dim=1)
-        if kind == "probs" and blind is not None:  # on the head-reduced rows: H times less than the logits
+        if blind is not None:  # on the head-reduced rows: H times less than the logits
             reduced = reduced.masked_fill(blind[:, start : start + rows], 0.0)
         out.append(reduced)
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)

@@ -190,9 +190,10 @@ class ATPPruner(PrefillPruner):
         """(S_self, S_cross), each [B, S] in [0, 1] over the alive visual tokens (0 elsewhere)."""
         alive = ctx.alive & ctx.visual
         text = ctx.text_after_image
-        cross = attention(text).sum(dim=1) / text.sum(dim=1, keepdim=True).clamp(min=1)
+        received_cross, received_self = attention.received(text, alive)
+        cross = received_cross / text.sum(dim=1, keepdim=True).clamp(min=1)
         seen_by = torch.flip(torch.cumsum(torch.flip(alive.long(), [1]), dim=1), [1])  # alive visual rows at ≥ j
-        self_ = attention(alive).sum(dim=1) / seen_by.clamp(min=1)
+        self_ = received_self / seen_by.clamp(min=1)
         return _normalised(self_.detach(), alive), _normalised(cross.detach(), alive)
 
     def thresholds(self, layer: int, ctx: PrefillContext, s_self: torch.Tensor, s_cross: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ class HeavyHitterPolicy(DecodePolicy):
 
     def observe(self, layer: int, ctx: PrefillContext, attention: LayerView) -> None:
         scores = ctx.extras.setdefault("h2o", {})
-        scores[layer] = attention(ctx.text_after_image | ctx.last_token).sum(dim=1)  # [B, S]
+        scores[layer], = attention.received(ctx.text_after_image | ctx.last_token)  # [B, S]
 
     def observes_steps(self) -> bool:
         return self.rolling

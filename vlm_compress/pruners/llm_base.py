@@ -68,6 +68,10 @@ class LayerView(Protocol):
         """rows [B, S] bool → head-mean post-softmax attention of those rows over the layer's keys, scattered to
         prompt positions: [B, R, S] (R = the most rows of any sample; padding rows are zero)."""
 
+    def received(self, *groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """groups: masks [B, S] → for each, [B, S] the attention its rows give every prompt position, summed over
+        the group's rows (``self(group).sum(dim=1)``, from one pass over all the groups' rows together)."""
+
     def keys(self) -> torch.Tensor:
         """[B, S, H_kv·hd] the layer's keys as its KV cache holds them (RoPE applied), heads concatenated, at
         their prompt positions."""

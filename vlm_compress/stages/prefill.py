@@ -213,6 +213,28 @@ class PromptLayerView:
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """rows [B, S] → attention of those rows over the layer's keys, scattered to prompt positions [B, R, S]."""
+        probs, _, _ = self._row_probs(rows)
+        s = self.hidden.shape[1]
+        out = probs.new_zeros(probs.shape[0], probs.shape[1], s + 1)
+        out.scatter_(2, self._scatter_target()[:, None, :].expand_as(probs), probs)
+        return out[..., :s]
+
+    def received(self, *groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """groups: masks [B, S] → per group [B, S], the attention its rows give each prompt position, summed over
+        the rows: one attention pass over the union of the groups' rows, no [B, R, S] scatter."""
+        rows = torch.stack(groups).any(dim=0)
+        probs, index, real = self._layer_row_probs(rows) if self._covers_most(rows) else self._row_probs(rows)
+        s = self.hidden.shape[1]
+        target = self._scatter_target()
+        out = []
+        for group in groups:
+            member = (torch.gather(group, 1, index.clamp(max=s - 1)) & real).to(probs.dtype)  # [B, R]
+            summed = torch.bmm(member[:, None, :], probs)[:, 0]  # [B, K]
+            out.append(summed.new_zeros(summed.shape[0], s + 1).scatter_(1, target, summed)[:, :s])
+        return tuple(out)
+
+    def _row_probs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probs [B, R, K] over the layer's processed rows, pack index [B, R], real [B, R]) for rows [B, S]."""
         s = self.hidden.shape[1]
         index, real = pack(rows, dummy=s)
         cos, sin = compat.rotary_tables(self.kwargs)
@@ -223,10 +245,27 @@ class PromptLayerView:
             queries = project_queries(self.layer, _gather_rows(self.hidden, at), q_cos, q_sin)
         query_positions = torch.where(real, index, -1)
         allowed = self.stage.slots.allowed(self.i, query_positions) & real[:, :, None]
-        probs = row_attention(self.layer, queries, self.layer_keys(), allowed)  # [B, R, K]
-        out = probs.new_zeros(probs.shape[0], probs.shape[1], s + 1)
-        out.scatter_(2, self._scatter_target()[:, None, :].expand_as(probs), probs)
-        return out[..., :s]
+        return row_attention(self.layer, queries, self.layer_keys(), allowed), index, real
+
+    def _covers_most(self, rows: torch.Tensor) -> bool:
+        """Whether ``rows`` [B, S] are all among the layer's processed rows and at least half of them: then summing
+        over every processed row with 0/1 weights is cheaper than gathering the requested ones (ATP: all visual)."""
+        if self.layer_queries is None:
+            return False
+        processed = self.layer_positions >= 0
+        inside = torch.gather(rows, 1, self.layer_positions.clamp(min=0)) & processed
+        wanted, found = int(rows.sum()), int(inside.sum())
+        return found == wanted and 2 * wanted >= int(processed.sum())
+
+    def _layer_row_probs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_row_probs` over every row the layer processed, in its own order (no gathers)."""
+        real = self.layer_positions >= 0
+        index = torch.where(real, self.layer_positions, self.hidden.shape[1])
+        b, n, _ = self.layer_queries.shape
+        q = self.layer_queries.view(b, n, -1, self.layer.self_attn.head_dim).transpose(1, 2)
+        queries = apply_rope(q, self.layer_cos, self.layer_sin)
+        allowed = self.stage.slots.allowed(self.i, self.layer_positions) & real[:, :, None]
+        return row_attention(self.layer, queries, self.layer_keys(), allowed), index, real
 
     def _own_queries(self, index: torch.Tensor, real: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> torch.Tensor | None:
