@@ -92,6 +92,45 @@ def test_row_attention_reference_in_chunks_equals_the_plain_formula(monkeypatch)
     assert reference.row_attention(q[:, :, :0], k, 1.0).shape == (2, 0, 21)
 
 
+def test_row_attention_stops_at_the_last_key_a_chunk_may_see(monkeypatch):
+    """Under a causal mask a chunk of early rows multiplies only the keys its rows may see; the keys after them are
+    exactly 0 (probs) or -inf (logits), the rest as over all keys."""
+    from vlm_compress.kernels import reference
+
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)
+    causal = torch.ones(12, 12).tril().bool().expand(2, 12, 12).clone()
+    causal[1, 3] = False  # a blind row in an early chunk
+    logits = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 8 ** -0.5
+    masked = logits.masked_fill(~causal[:, None], float("-inf"))
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 2 * 4 * 12 * 4)  # chunks of 4 rows: reach 4, 8, 12 keys
+    assert reference._key_reach(causal, 4) == [4, 8, 12]
+    probs = reference.row_attention(q, k, 8 ** -0.5, "mean", "probs", causal)
+    torch.testing.assert_close(probs, torch.softmax(masked, dim=-1).nan_to_num(0.0).mean(1))
+    assert torch.equal(reference.row_attention(q, k, 8 ** -0.5, "max", "logits", causal), masked.amax(1))
+
+
+@pytest.mark.parametrize("chunk", [2 * 4 * 21, 2 * 4 * 21 * 3, 2**20])
+def test_row_attention_received_is_the_weighted_sum_of_the_rows(triton_backend, monkeypatch, chunk):
+    """Σ_r w[g, r] · A[r] for head-mean probabilities A, computed without forming A, with grouped-query heads, a
+    causal mask with padding and a blind row (weight 0), in any chunking."""
+    from vlm_compress.kernels import reference
+
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 21, 8, generator=g)
+    allowed = torch.ones(21, 21).tril().bool()[-9:].expand(2, 9, 21).clone()
+    allowed[0, :, :3] = False  # left padding of sample 0
+    allowed[1, 5] = False
+    weights = (torch.rand(2, 3, 9, generator=g) > 0.5).float()
+    weights[1, :, 5] = 0.0
+    rows = kernels.row_attention(q, k, 0.3, "mean", "probs", allowed)  # [B, R, N], the Triton kernel
+    for backend in ("torch", "triton"):  # the fused reference, and the kernel's rows contracted afterwards
+        monkeypatch.setenv(kernels.ENV, backend)
+        got = kernels.row_attention_received(q, k, 0.3, allowed, weights)
+        torch.testing.assert_close(got, torch.bmm(weights, rows), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_window_merge_matches_reference(triton_backend, dtype):
     g = torch.Generator().manual_seed(2)

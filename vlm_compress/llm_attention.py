@@ -64,3 +64,10 @@ def row_attention(
     """
     # a row with no allowed key (padding) is all zero
     return kernels.row_attention(queries, keys, layer.self_attn.scaling, "mean", "probs", allowed)
+
+
+def row_attention_received(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+    """[B, G, K]: ``weights`` [B, G, R] times :func:`row_attention`'s rows, summed over rows, without forming them
+    (``kernels.row_attention_received``); rows with no allowed key must weigh 0."""
+    return kernels.row_attention_received(queries, keys, layer.self_attn.scaling, allowed, weights)

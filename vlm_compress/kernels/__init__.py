@@ -106,6 +106,23 @@ def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = 
     return _triton_module().row_attention(q, k, scale, reduce, kind, allowed)
 
 
+def row_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+    """``[B, G, N]`` float32: per group ``g``, ``Σ_r weights[:, g, r]`` times the head-mean post-softmax attention of
+    row ``r`` (:func:`row_attention` with ``"mean"``, ``"probs"``), the rows never formed on the torch path.
+
+    q [B, H, R, hd], k [B, H_kv, N, hd] (RoPE applied), allowed [B, R, N] bool, weights [B, G, R] (0 for rows with
+    no allowed key).
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1] or weights.shape[-1] != q.shape[2]:
+        raise ValueError(f"row_attention_received expects q [B, H, R, hd], k [B, H_kv, N, hd], weights [B, G, R]; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(weights.shape)}")
+    if backend(q, k) == "torch":
+        return reference.row_attention_received(q, k, scale, allowed, weights)
+    rows = _triton_module().row_attention(q, k, scale, "mean", "probs", allowed)  # [B, R, N]
+    return torch.bmm(weights.float(), rows)
+
+
 def grid_windows(height: int, width: int, window: int, device=None) -> torch.Tensor:
     """[W, window²] token indices of the complete ``window×window`` windows of a raster grid, members in raster
     order (windows that would cross the border are left out)."""

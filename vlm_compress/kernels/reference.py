@@ -53,6 +53,16 @@ def topk_gather(scores: torch.Tensor, features: torch.Tensor, group_sizes: torch
 CHUNK_ELEMENTS = 2**19  # per-head logits of one chunk of rows: ~2 MB of float32, kept in cache between passes
 
 
+def _key_reach(allowed: torch.Tensor, rows: int) -> list[int]:
+    """Per chunk of ``rows`` query rows of ``allowed`` [B, R, N], how many leading keys some row of the chunk may
+    see (1 + the last allowed key over the batch, at least 1): the keys after it are masked for the whole chunk, so
+    the product stops there. Under a causal mask this halves the work of scoring every row of a prompt."""
+    r, n = allowed.shape[1], allowed.shape[2]
+    index = torch.arange(n, device=allowed.device)
+    last = torch.where(allowed.any(dim=0), index, -1).amax(dim=-1).tolist() if r and n else []  # per row
+    return [max(1, max(last[start : start + rows]) + 1) if last else n for start in range(0, max(r, 1), rows)]
+
+
 def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = "mean", kind: str = "probs",
                   allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Head-reduced attention of a few query rows over all keys, float32 [B, R, N].
@@ -72,12 +82,14 @@ def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = 
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill_(~allowed, float("-inf"))
         blind = ~allowed.any(dim=-1, keepdim=True)  # [B, R, 1] rows with no allowed key: NaN softmax → zeros
         blind = blind if kind == "probs" and bool(blind.any()) else None
-    rows = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
+    n = k.shape[2]
+    rows = max(1, CHUNK_ELEMENTS // max(1, b * h * n))
+    reach = _key_reach(allowed, rows) if allowed is not None else [n] * max(1, -(-r // rows))
     out = []
-    for start in range(0, max(r, 1), rows):  # zero rows: one empty chunk
-        logits = torch.matmul(q[:, :, start : start + rows].float() * scale, keys)
+    for start, width in zip(range(0, max(r, 1), rows), reach):  # zero rows: one empty chunk
+        logits = torch.matmul(q[:, :, start : start + rows].float() * scale, keys[..., :width])
         if bias is not None:
-            logits += bias[:, None, start : start + rows]
+            logits += bias[:, None, start : start + rows, :width]
         per_head = torch.softmax(logits, dim=-1) if kind == "probs" else logits
         if reduce == "mean":
             reduced = per_head.mean(dim=1)
@@ -87,8 +99,39 @@ def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = 
             reduced = per_head.amax(dim=1)
         if blind is not None:  # on the head-reduced rows: H times less than the logits
             reduced = reduced.masked_fill(blind[:, start : start + rows], 0.0)
+        if width < n:  # keys no row of the chunk may see: probability 0, logit -inf
+            fill = 0.0 if kind == "probs" else float("-inf")
+            reduced = torch.cat([reduced, reduced.new_full((*reduced.shape[:2], n - width), fill)], dim=-1)
         out.append(reduced)
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def row_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sums of head-mean attention rows, float32 [B, G, N]: ``Σ_r weights[b, g, r] · A[b, r, :]`` with ``A``
+    what :func:`row_attention` gives for ``("mean", "probs")``, without forming ``A``.
+
+    q [B, H, R, hd], k [B, H_kv, N, hd], allowed [B, R, N] bool, weights [B, G, R] float (rows with no allowed key
+    must weigh 0: they contribute nothing). Per chunk of rows the per-head probabilities ``[B, H, rows, N]`` are
+    contracted with the weights in one matrix product, which also does the head mean (ATP's and H2O's accumulated
+    scores: a few sums over many rows).
+    """
+    b, h, r, _ = q.shape
+    groups = h // k.shape[1]
+    keys = (k.float() if groups == 1 else k.float().repeat_interleave(groups, dim=1)).transpose(-1, -2)
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill_(~allowed, float("-inf"))
+    bias.masked_fill_(~allowed.any(dim=-1, keepdim=True), 0.0)  # blind rows: finite, and weighted 0
+    per_head_weights = (weights.float() / h)[:, :, None, :]  # [B, G, 1, R]: the head mean folded into the weights
+    out = torch.zeros(b, weights.shape[1], k.shape[2], dtype=torch.float32, device=q.device)
+    rows = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
+    for start, width in zip(range(0, r, rows), _key_reach(allowed, rows)):
+        stop = min(start + rows, r)
+        logits = torch.matmul(q[:, :, start:stop].float() * scale, keys[..., :width])
+        logits += bias[:, None, start:stop, :width]
+        probs = torch.softmax(logits, dim=-1).view(b, h * (stop - start), width)  # [B, H·rows, width]
+        w = per_head_weights[..., start:stop].expand(-1, -1, h, -1).reshape(b, -1, h * (stop - start))
+        out[..., :width].baddbmm_(w, probs)
+    return out
 
 
 def window_merge(values: torch.Tensor, metric: torch.Tensor, windows: torch.Tensor, threshold: float,

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..llm_attention import apply_rope, check_decoder_layer, project_keys, project_queries, row_attention
+from ..llm_attention import (apply_rope, check_decoder_layer, project_keys, project_queries, row_attention,
+                             row_attention_received)
 from ..patching import patch_method
 from ..pruners.llm_base import PrefillContext, PrefillPruner
 from ..stats import CompressionStats, kv_cache_bytes, kv_entry_bytes, prefill_flops, prompt_costs
@@ -221,20 +222,24 @@ class PromptLayerView:
 
     def received(self, *groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """groups: masks [B, S] → per group [B, S], the attention its rows give each prompt position, summed over
-        the rows: one attention pass over the union of the groups' rows, no [B, R, S] scatter."""
+        the rows: one attention pass over the union of the groups' rows, contracted with the groups' 0/1
+        memberships as it goes (no [B, R, K] rows, no [B, R, S] scatter)."""
         rows = torch.stack(groups).any(dim=0)
-        probs, index, real = self._layer_row_probs(rows) if self._covers_most(rows) else self._row_probs(rows)
+        queries, allowed, index, real = self._layer_rows() if self._covers_most(rows) else self._rows(rows)
         s = self.hidden.shape[1]
-        target = self._scatter_target()
-        out = []
-        for group in groups:
-            member = (torch.gather(group, 1, index.clamp(max=s - 1)) & real).to(probs.dtype)  # [B, R]
-            summed = torch.bmm(member[:, None, :], probs)[:, 0]  # [B, K]
-            out.append(summed.new_zeros(summed.shape[0], s + 1).scatter_(1, target, summed)[:, :s])
-        return tuple(out)
+        member = torch.stack([torch.gather(g, 1, index.clamp(max=s - 1)) & real for g in groups], dim=1)  # [B, G, R]
+        summed = row_attention_received(self.layer, queries, self.layer_keys(), allowed, member.float())  # [B, G, K]
+        target = self._scatter_target()[:, None, :].expand_as(summed)
+        out = summed.new_zeros(summed.shape[0], len(groups), s + 1).scatter_(2, target, summed)[..., :s]
+        return tuple(out.unbind(1))
 
     def _row_probs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probs [B, R, K] over the layer's processed rows, pack index [B, R], real [B, R]) for rows [B, S]."""
+        queries, allowed, index, real = self._rows(rows)
+        return row_attention(self.layer, queries, self.layer_keys(), allowed), index, real
+
+    def _rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(queries [B, H, R, hd] with RoPE, allowed keys [B, R, K], pack index [B, R], real [B, R]) for rows [B, S]."""
         s = self.hidden.shape[1]
         index, real = pack(rows, dummy=s)
         cos, sin = compat.rotary_tables(self.kwargs)
@@ -245,7 +250,7 @@ class PromptLayerView:
             queries = project_queries(self.layer, _gather_rows(self.hidden, at), q_cos, q_sin)
         query_positions = torch.where(real, index, -1)
         allowed = self.stage.slots.allowed(self.i, query_positions) & real[:, :, None]
-        return row_attention(self.layer, queries, self.layer_keys(), allowed), index, real
+        return queries, allowed, index, real
 
     def _covers_most(self, rows: torch.Tensor) -> bool:
         """Whether ``rows`` [B, S] are all among the layer's processed rows and at least half of them: then summing
@@ -257,15 +262,15 @@ class PromptLayerView:
         wanted, found = int(rows.sum()), int(inside.sum())
         return found == wanted and 2 * wanted >= int(processed.sum())
 
-    def _layer_row_probs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_row_probs` over every row the layer processed, in its own order (no gathers)."""
+    def _layer_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_rows` for every row the layer processed, in its own order (no gathers)."""
         real = self.layer_positions >= 0
         index = torch.where(real, self.layer_positions, self.hidden.shape[1])
         b, n, _ = self.layer_queries.shape
         q = self.layer_queries.view(b, n, -1, self.layer.self_attn.head_dim).transpose(1, 2)
         queries = apply_rope(q, self.layer_cos, self.layer_sin)
         allowed = self.stage.slots.allowed(self.i, self.layer_positions) & real[:, :, None]
-        return row_attention(self.layer, queries, self.layer_keys(), allowed), index, real
+        return queries, allowed, index, real
 
     def _own_queries(self, index: torch.Tensor, real: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> torch.Tensor | None:
