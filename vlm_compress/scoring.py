@@ -19,12 +19,30 @@ from torch import nn
 from .ops import HeadReduce, ScoreKind, row_attention
 
 
+def attention_heads(attn: nn.Module) -> int:
+    """Query heads of a tower attention module: ``num_heads`` (CLIP, SigLIP, vLLM) or ``num_attention_heads`` (DINOv2)."""
+    heads = getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads", None)
+    if heads is None:
+        raise TypeError(f"{type(attn).__name__} has neither num_heads nor num_attention_heads (the score hooks need it)")
+    return int(heads)
+
+
+def attention_scale(attn: nn.Module) -> float:
+    """Softmax scale of a tower attention module: ``scale`` (CLIP, SigLIP, vLLM) or ``scaling`` (DINOv2, Qwen's ViT)."""
+    scale = getattr(attn, "scale", None)
+    scale = getattr(attn, "scaling", None) if not isinstance(scale, (int, float)) else scale
+    if not isinstance(scale, (int, float)):
+        raise TypeError(f"{type(attn).__name__} has neither scale nor scaling (the score hooks need it)")
+    return float(scale)
+
+
 class AttentionCapture:
     """Context manager capturing queries and keys of some attention modules during one tower forward.
 
     attention_modules: ``{layer_index: attention module}``; each module must have ``q_proj`` and ``k_proj`` (or one
-    fused ``qkv_proj`` whose output is ``[q | k | v]``, as vLLM's CLIP attention has), ``num_heads``, ``head_dim``
-    and ``scale``. ``layer_modules``: ``{layer_index: encoder layer}`` whose output
+    fused ``qkv_proj`` whose output is ``[q | k | v]``, as vLLM's CLIP attention has), ``head_dim``, a head count
+    (``num_heads``: CLIP, SigLIP; ``num_attention_heads``: DINOv2) and a softmax scale (``scale``; ``scaling``:
+    DINOv2), read through :func:`attention_heads` and :func:`attention_scale`. ``layer_modules``: ``{layer_index: encoder layer}`` whose output
     hidden states to keep (``hidden_states[layer]``). Hooks exist only inside the ``with`` block.
     """
 
@@ -77,7 +95,7 @@ class AttentionCapture:
 
     def _split_heads(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         attn = self.modules[layer]
-        return x.view(*x.shape[:2], attn.num_heads, attn.head_dim)
+        return x.view(*x.shape[:2], attention_heads(attn), attn.head_dim)
 
     def _require(self, layer: int) -> None:
         if layer not in self.keys:
@@ -93,7 +111,7 @@ class AttentionCapture:
             return self.received_attention(layer, head_reduce, kind)
         q = self._split_heads(layer, self.queries[layer][:, :1])
         k = self._split_heads(layer, self.keys[layer])
-        return row_attention(q, k, self.modules[layer].scale, head_reduce, kind)[:, 0]
+        return row_attention(q, k, attention_scale(self.modules[layer]), head_reduce, kind)[:, 0]
 
     def received_attention(self, layer: int, head_reduce: HeadReduce = "mean", kind: ScoreKind = "probs") -> torch.Tensor:
         """``[I, T]`` float32: per head, the mean over query rows of each key's attention (softmax over keys for
@@ -114,7 +132,7 @@ class AttentionCapture:
             raise RuntimeError(f"layer {layer} was captured without all query rows; the pruner must ask for them")
         q = self._split_heads(layer, queries)[:, skip:].float()
         k = self._split_heads(layer, self.keys[layer]).float()
-        scale = self.modules[layer].scale
+        scale = attention_scale(self.modules[layer])
         for h in range(q.shape[2]):
             a = torch.einsum("bqd,bkd->bqk", q[:, :, h], k[:, :, h]) * scale
             yield (a.softmax(-1) if kind == "probs" else a)[:, :, skip:]
@@ -129,7 +147,7 @@ class AttentionCapture:
         averaged per token:
         ``(received [I, T-skip], given [I, T-skip])`` (mean over queries, mean over keys). Needs all query rows
         (``all_query_rows=True``); heads are processed one at a time, so at most ``[I, T, T]`` is held."""
-        heads = self.modules[layer].num_heads
+        heads = attention_heads(self.modules[layer])
         mean = sum(self._head_maps(layer, kind, skip)) / heads
         return mean.mean(dim=1), mean.mean(dim=2)
 
@@ -190,7 +208,7 @@ class PackedAttentionCapture(AttentionCapture):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             attn = self.modules[layer]
             s = output.shape[0]
-            q, k, _ = output.detach().view(s, 3, attn.num_heads, -1).float().unbind(1)  # [S, H, hd] each
+            q, k, _ = output.detach().view(s, 3, attention_heads(attn), -1).float().unbind(1)  # [S, H, hd] each
             cos, sin = (t.detach().float()[:, None] for t in self._tables[layer])
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             self.queries[layer], self.keys[layer] = q.flatten(1)[None], k.flatten(1)[None]
@@ -198,7 +216,7 @@ class PackedAttentionCapture(AttentionCapture):
         return hook
 
     def _scale(self, layer: int) -> float:
-        return self.modules[layer].scaling
+        return attention_scale(self.modules[layer])
 
     def first_row_attention(self, layer: int, head_reduce: HeadReduce = "mean", kind: ScoreKind = "probs") -> torch.Tensor:
         """``[1, S]``: the CLS substitute (no CLS here), the attention each token receives within its segment."""

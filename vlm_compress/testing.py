@@ -120,12 +120,37 @@ def _finish(model, tokenizer, dtype: torch.dtype):
     return model
 
 
-def build_llava(tokenizer=None, dims: LlavaDims | None = None, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A random-weight ``LlavaForConditionalGeneration`` (SDPA attention) for ``tokenizer``."""
+TOWERS = ("clip", "siglip", "dinov2")
+
+
+def vision_config_of(tower: str, dims: LlavaDims):
+    """A random tower's config: CLIP (CLS), SigLIP (no CLS) or DINOv2 (CLS, layer scale; ``Dinov2Config``)."""
+    from transformers import CLIPVisionConfig, Dinov2Config, SiglipVisionConfig
+
+    shared = dict(hidden_size=dims.vision_hidden, num_hidden_layers=dims.vision_layers,
+                  num_attention_heads=dims.vision_heads, image_size=dims.image_size, patch_size=dims.patch_size)
+    if tower == "clip":
+        return CLIPVisionConfig(intermediate_size=4 * dims.vision_hidden, **shared)
+    if tower == "siglip":
+        return SiglipVisionConfig(intermediate_size=4 * dims.vision_hidden, vision_use_head=False, **shared)
+    if tower == "dinov2":
+        return Dinov2Config(mlp_ratio=4, layerscale_value=1.0, **shared)
+    raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+
+
+def build_llava(tokenizer=None, dims: LlavaDims | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                tower: str = "clip"):
+    """A random-weight ``LlavaForConditionalGeneration`` (SDPA attention) for ``tokenizer``, with a CLIP, SigLIP or
+    DINOv2 tower (:func:`vision_config_of`; SigLIP has no CLS, so its features are taken ``"full"``)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    config = LlavaConfig(**_configs(tokenizer, dims or LlavaDims()))
+    dims = dims or LlavaDims()
+    configs = _configs(tokenizer, dims)
+    configs["vision_config"] = vision_config_of(tower, dims)
+    if tower == "siglip":
+        configs["vision_feature_select_strategy"] = "full"
+    config = LlavaConfig(**configs)
     torch.manual_seed(seed)
     return _finish(LlavaForConditionalGeneration(config), tokenizer, dtype)
 
@@ -149,25 +174,28 @@ def build_llava_next(tokenizer=None, dims: LlavaDims | None = None, seed: int = 
     return _finish(LlavaNextForConditionalGeneration(config), tokenizer, dtype)
 
 
-def build_processor(tokenizer=None, dims: LlavaDims | None = None):
-    """A stock ``LlavaProcessor`` (PIL image backend) whose ``<image>`` expands to the full patch count."""
+def build_processor(tokenizer=None, dims: LlavaDims | None = None, tower: str = "clip"):
+    """A stock ``LlavaProcessor`` (PIL image backend) whose ``<image>`` expands to the full patch count (for a SigLIP
+    tower, which has no CLS: the patches, all of them kept)."""
     from transformers import LlavaProcessor
 
     from .compat import pil_image_processor
 
     dims = dims or LlavaDims()
+    if tower == "siglip":
+        dims = dataclasses.replace(dims, vision_feature_select_strategy="full")
     size = dims.image_size
     image_processor = pil_image_processor("clip")(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return _processor(LlavaProcessor, image_processor, tokenizer, dims)
+    return _processor(LlavaProcessor, image_processor, tokenizer, dims, prefix=0 if tower == "siglip" else 1)
 
 
-def _processor(cls, image_processor, tokenizer, dims: LlavaDims):
+def _processor(cls, image_processor, tokenizer, dims: LlavaDims, prefix: int = 1):
     return cls(
         image_processor=image_processor,
         tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
         patch_size=dims.patch_size,
         vision_feature_select_strategy=dims.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
+        num_additional_image_tokens=prefix,
     )
 
 
