@@ -89,9 +89,7 @@ def test_parts_load_the_projector_and_merge_each_lora_delta(parts):
 def scene_inputs(processor, count: int, start: int = 0):
     from PIL import Image
 
-    from vlm_compress.bench.task import ShapesTask
-
-    task = ShapesTask(canvas=real.CANVAS, cell=real.CELL)
+    task = real.task()
     samples = [task.sample_at("test", i) for i in range(start, start + count)]
     return processor(images=[Image.fromarray(s.image) for s in samples],
                      text=[real.PROMPT.format(question=s.question) for s in samples], return_tensors="pt", padding=True)

@@ -139,13 +139,13 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, processor, task: ShapesTask, count: int, batch_size: int = 25) -> float:
     """Greedy accuracy on the first ``count`` validation samples, asked as the bench asks (one question, generate)."""
+    from PIL import Image
+
     from .run import is_correct, normalise
 
     correct = 0
     for start in range(0, count, batch_size):
         samples = [task.sample_at("val", i) for i in range(start, min(start + batch_size, count))]
-        from PIL import Image
-
         inputs = processor(images=[Image.fromarray(s.image) for s in samples],
                            text=[real.PROMPT.format(question=s.question) for s in samples],
                            return_tensors="pt", padding=True)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         lora.load(saved["lora"])
         optimiser.load_state_dict(saved["optimiser"])
         step, log = saved["step"], saved["log"]
-    task = ShapesTask(canvas=real.CANVAS, cell=real.CELL)
+    task = real.task()
     data = Conversations(task, processor, args.turns)
     rng = np.random.default_rng([7, step])
     log["runs"].append(dict(start_step=step, minutes=args.minutes, batch_size=args.batch_size, turns=args.turns,

@@ -63,6 +63,17 @@ def _key_reach(allowed: torch.Tensor, rows: int) -> list[int]:
     return [max(1, max(last[start : start + rows]) + 1) if last else n for start in range(0, max(r, 1), rows)]
 
 
+def _float_keys(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B, H, hd, N] float32 keys, grouped-query heads repeated to q's H, transposed for ``q @ keys``."""
+    groups = q.shape[1] // k.shape[1]
+    return (k.float() if groups == 1 else k.float().repeat_interleave(groups, dim=1)).transpose(-1, -2)
+
+
+def _mask_bias(allowed: torch.Tensor) -> torch.Tensor:
+    """[B, R, N] float32 additive mask: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = "mean", kind: str = "probs",
                   allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Head-reduced attention of a few query rows over all keys, float32 [B, R, N].
@@ -74,12 +85,11 @@ def row_attention(q: torch.Tensor, k: torch.Tensor, scale: float, reduce: str = 
     rows (ATP's every-visual-row scoring).
     """
     b, h, r, _ = q.shape
-    groups = h // k.shape[1]
-    keys = (k.float() if groups == 1 else k.float().repeat_interleave(groups, dim=1)).transpose(-1, -2)
+    keys = _float_keys(q, k)
     # the mask as an additive [B, 1, rows, N] bias and the scale on q: passes over small tensors, not [B, H, rows, N]
     bias = blind = None
     if allowed is not None:
-        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill_(~allowed, float("-inf"))
+        bias = _mask_bias(allowed)
         blind = ~allowed.any(dim=-1, keepdim=True)  # [B, R, 1] rows with no allowed key: NaN softmax → zeros
         blind = blind if kind == "probs" and bool(blind.any()) else None
     n = k.shape[2]
@@ -117,9 +127,8 @@ def row_attention_received(q: torch.Tensor, k: torch.Tensor, scale: float, allow
     scores: a few sums over many rows).
     """
     b, h, r, _ = q.shape
-    groups = h // k.shape[1]
-    keys = (k.float() if groups == 1 else k.float().repeat_interleave(groups, dim=1)).transpose(-1, -2)
-    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill_(~allowed, float("-inf"))
+    keys = _float_keys(q, k)
+    bias = _mask_bias(allowed)
     bias.masked_fill_(~allowed.any(dim=-1, keepdim=True), 0.0)  # blind rows: finite, and weighted 0
     per_head_weights = (weights.float() / h)[:, :, None, :]  # [B, G, 1, R]: the head mean folded into the weights
     out = torch.zeros(b, weights.shape[1], k.shape[2], dtype=torch.float32, device=q.device)

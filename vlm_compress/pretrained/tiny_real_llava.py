@@ -42,11 +42,16 @@ PROMPT = "<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # of every decoder layer's self-attention
 
 
-def task_description() -> dict:
-    """``task.json`` of the built model: the ShapesVQA geometry (``ShapesTask.describe``) and the prompt."""
-    from ..bench.task import QUESTION_TYPES
+def task():
+    """The model's ShapesVQA: an 84-pixel canvas of 7-pixel cells (12×12), the default objects and questions."""
+    from ..bench.task import ShapesTask
 
-    return dict(canvas=[CANVAS, CANVAS], cell=CELL, objects=[3, 6], question_types=list(QUESTION_TYPES), prompt=PROMPT)
+    return ShapesTask(canvas=CANVAS, cell=CELL)
+
+
+def task_description() -> dict:
+    """``task.json`` of the built model: :func:`task`'s description and the prompt."""
+    return {**task().describe(), "prompt": PROMPT}
 
 
 def cache_root() -> Path:
@@ -109,7 +114,7 @@ def assemble(tower, llm, tokenizer, parts: dict[str, torch.Tensor] | None = None
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(tower.state_dict(), strict=True)
-    state = {k: v for k, v in llm.model.state_dict().items()}
+    state = dict(llm.model.state_dict())
     embed = state["embed_tokens.weight"]
     grown = torch.zeros(len(tokenizer), embed.shape[1], dtype=embed.dtype)
     grown[: embed.shape[0]] = embed  # the <image> row: zeros (its placeholders are replaced by image features)

@@ -214,7 +214,8 @@ class PromptLayerView:
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """rows [B, S] → attention of those rows over the layer's keys, scattered to prompt positions [B, R, S]."""
-        probs, _, _ = self._row_probs(rows)
+        queries, allowed, _, _ = self._rows(rows)
+        probs = row_attention(self.layer, queries, self.layer_keys(), allowed)  # [B, R, K]
         s = self.hidden.shape[1]
         out = probs.new_zeros(probs.shape[0], probs.shape[1], s + 1)
         out.scatter_(2, self._scatter_target()[:, None, :].expand_as(probs), probs)
@@ -232,11 +233,6 @@ class PromptLayerView:
         target = self._scatter_target()[:, None, :].expand_as(summed)
         out = summed.new_zeros(summed.shape[0], len(groups), s + 1).scatter_(2, target, summed)[..., :s]
         return tuple(out.unbind(1))
-
-    def _row_probs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(probs [B, R, K] over the layer's processed rows, pack index [B, R], real [B, R]) for rows [B, S]."""
-        queries, allowed, index, real = self._rows(rows)
-        return row_attention(self.layer, queries, self.layer_keys(), allowed), index, real
 
     def _rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(queries [B, H, R, hd] with RoPE, allowed keys [B, R, K], pack index [B, R], real [B, R]) for rows [B, S]."""
@@ -259,8 +255,8 @@ class PromptLayerView:
             return False
         processed = self.layer_positions >= 0
         inside = torch.gather(rows, 1, self.layer_positions.clamp(min=0)) & processed
-        wanted, found = int(rows.sum()), int(inside.sum())
-        return found == wanted and 2 * wanted >= int(processed.sum())
+        wanted, found, total = torch.stack([rows.sum(), inside.sum(), processed.sum()]).tolist()  # one host sync
+        return found == wanted and 2 * wanted >= total
 
     def _layer_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`_rows` for every row the layer processed, in its own order (no gathers)."""
