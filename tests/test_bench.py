@@ -289,3 +289,28 @@ def test_resume_refuses_rows_written_with_other_settings(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit):
         main(quick_args(stem, "--resume", "--max-new-tokens", "3"))
     assert "other settings (max_new_tokens differ): delete it, or drop --resume" in capsys.readouterr().err
+
+
+def test_built_model_names_resolve_and_the_task_json_prompt_is_the_default(tmp_path, monkeypatch):
+    import shutil
+
+    from vlm_compress.bench import run as bench
+    from vlm_compress.bench.data import prompt_for, resolve_model
+    from vlm_compress.bench.task import ShapesTask
+    from vlm_compress.pretrained import tiny_real_llava
+
+    built = tmp_path / "cache" / "tiny-real-llava-0123456789abcdef"  # a built model's directory carries its key
+    shutil.copytree(TINY, built)
+    prompt = "USER: <image>\nanswer : {question} ASSISTANT:"
+    (built / "task.json").write_text(json.dumps({**ShapesTask().describe(), "prompt": prompt}))
+    monkeypatch.setattr(tiny_real_llava, "model_path", lambda progress=print: built)
+    assert resolve_model("tiny-real-llava") == built and resolve_model("tiny-llava") == TINY
+    assert resolve_model(str(tmp_path)) == tmp_path and prompt_for(built) == prompt and prompt_for(TINY) is None
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    main(["--quick", "--model", "tiny-real-llava", "--methods", "random", "--samples", "6", "--batch-size", "6",
+          "--repeats", "1"])
+    stem = tmp_path / "results" / "bench_tiny-real-llava_quick"  # the name, not the cache directory's
+    settings = json.loads(stem.with_suffix(".rows.jsonl").read_text().splitlines()[0])["settings"]
+    assert settings["prompt"] == prompt
+    assert [r["method"] for r in json.loads(stem.with_suffix(".json").read_text())["rows"]] == ["none", "random", "random"]

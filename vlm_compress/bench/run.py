@@ -3,6 +3,7 @@
     python -m vlm_compress.bench                  # the embedded models: every method, budgets 1.0 … 0.11
                                                   # (tiny-onevision: the video methods, budgets 1.0 … 0.1)
     python -m vlm_compress.bench --quick          # 1-minute smoke run
+    python -m vlm_compress.bench --model tiny-real-llava   # DINOv2-S + SmolLM2-135M, built once from installed packages
     python -m vlm_compress.bench --model PATH --dataset items.jsonl --prompt "USER: <image>\\n{question} ASSISTANT:"
 
 Writes ``<out>.json``, ``<out>.md`` and ``<out>_accuracy.png`` / ``<out>_prefill.png`` under ``eval/results/``.
@@ -31,7 +32,8 @@ from ..modules.pmod import is_pmod_checkpoint, load_pmod_model, pmod_base
 from ..pruners.pmod import EMBEDDED_ROUTERS
 from ..stats import prompt_costs
 from .video_task import ShapesVideoTask
-from .data import ASSETS, EMBEDDED_MODELS, Item, answer_prior, jsonl_items, shapes_items, task_for, video_items
+from .data import (ASSETS, BUILT_MODELS, EMBEDDED_MODELS, Item, answer_prior, built_model_available, jsonl_items,
+                   prompt_for, resolve_model, shapes_items, task_for, video_items)
 from .oracle import OraclePruner, asked_objects, object_boxes
 from .rowlog import RowLog, SettingsMismatch
 from .timing import PeakMemory, decode_ms_per_token, machine_description, timed
@@ -288,7 +290,8 @@ def run(args: argparse.Namespace, model_path: Path, stem: Path) -> dict[str, Any
         items = shapes_items(samples, "test", task)
         prior = answer_prior(shapes_items(2000, "train", task, images=False), items)
         prior_note = "most frequent training answer per question type"
-    prompt = args.prompt or ("USER: <video>\n{question} ASSISTANT:" if video else "USER: <image>\n{question} ASSISTANT:")
+    prompt = args.prompt or prompt_for(model_path) or ("USER: <video>\n{question} ASSISTANT:" if video
+                                                       else "USER: <image>\n{question} ASSISTANT:")
     log = RowLog(stem.with_suffix(".rows.jsonl"), _settings(args, model_path, samples, prompt), resume=args.resume)
     runner = Runner(model, processor, items, prompt, args.batch_size, args.max_new_tokens)
 
@@ -488,10 +491,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vlm_compress.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+",
-                        help="local LLaVA / LLaVA-NeXT checkpoint directories (default: the embedded models)")
+                        help="local LLaVA / LLaVA-NeXT checkpoint directories, or names: an embedded model "
+                             f"({', '.join(EMBEDDED_MODELS)}) or {', '.join(BUILT_MODELS)} (built from installed "
+                             "pretrained packages once, then cached; default: all of them)")
     parser.add_argument("--dataset", help="local JSONL of image, question, answer (default: ShapesVQA held-out split)")
     parser.add_argument("--prompt", default=None,
-                        help="prompt with {question} (default: LLaVA's format with <image>, or <video> on a video task)")
+                        help="prompt with {question} (default: the model's task.json prompt, else LLaVA's format with "
+                             "<image>, or <video> on a video task)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="method names, optionally with options: cls_attn:layer=-1,kind=logits (default: every "
                              "method; the video methods on a video model)")
@@ -522,16 +528,19 @@ def main(argv: list[str] | None = None) -> None:
                      - {*list_methods(), "oracle"})
     if unknown:
         parser.error(f"unknown methods {unknown}; available: {list_methods()}")
-    paths = [Path(p) for p in args.model] if args.model else [ASSETS / m for m in EMBEDDED_MODELS if (ASSETS / m).exists()]
-    for path in paths:
+    names = args.model or [*(m for m in EMBEDDED_MODELS if (ASSETS / m).exists()),
+                           *(m for m in BUILT_MODELS if built_model_available(m))]
+    labelled = [(str(n) if str(n) in BUILT_MODELS else None, resolve_model(n)) for n in names]
+    for _, path in labelled:
         if not (path / "config.json").exists() and not is_pmod_checkpoint(path):
             parser.error(f"no model at {path}: pass --model PATH (a local LLaVA checkpoint directory)")
-    if args.out and len(paths) > 1:
+    if args.out and len(labelled) > 1:
         parser.error("--out names one output stem; pass one --model with it")
     failed = []
-    for path in paths:
+    for label, path in labelled:
         start = time.time()
-        stem = Path(args.out) if args.out else RESULTS / f"bench_{path.name}{'_quick' if args.quick else ''}"
+        label = label or path.name  # a built model's cache directory carries its build key; the stem does not
+        stem = Path(args.out) if args.out else RESULTS / f"bench_{label}{'_quick' if args.quick else ''}"
         try:
             result = run(args, path, stem)
         except SettingsMismatch as err:
@@ -543,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
         plots = plot(result, stem)
         print(to_markdown(result))
         print(f"wrote {stem}.json, {stem}.md" + "".join(f", {p}" for p in plots) + f" in {result['seconds']} s")
-        failed += [f"{path.name}: {e['method']} @ {e['budget']} ({e['error']})" for e in result["errors"]]
+        failed += [f"{label}: {e['method']} @ {e['budget']} ({e['error']})" for e in result["errors"]]
     if failed:
         sys.exit(f"{len(failed)} benchmark row(s) failed (recorded as error rows; rerun with --resume to retry "
                  "only them):\n  " + "\n  ".join(failed))

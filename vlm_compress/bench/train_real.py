@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="optimiser state and step for --resume")
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=6, help="questions per image")
-    parser.add_argument("--lr", type=float, default=1e-3, help="projector learning rate (LoRA: a fifth of it)")
+    parser.add_argument("--turns", type=int, default=12, help="questions per image")
+    parser.add_argument("--lr", type=float, default=1e-3, help="projector learning rate")
+    parser.add_argument("--lora-lr", type=float, default=5e-4, help="LoRA learning rate")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--eval-every", type=int, default=100)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         p.requires_grad_(True)
     lora = LoRAHooks(real.lora_modules(model))
     optimiser = torch.optim.AdamW([{"params": list(projector.parameters()), "lr": args.lr},
-                                   {"params": lora.parameters(), "lr": args.lr / 5}], weight_decay=0.0)
+                                   {"params": lora.parameters(), "lr": args.lora_lr}], weight_decay=0.0)
     step, log = 0, {"runs": [], "steps": [], "evals": []}
     if args.resume:
         saved = torch.load(state_path, weights_only=False)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     data = Conversations(task, processor, args.turns)
     rng = np.random.default_rng([7, step])
     log["runs"].append(dict(start_step=step, minutes=args.minutes, batch_size=args.batch_size, turns=args.turns,
-                            lr=args.lr, autocast=None if args.fp32 else "bfloat16", machine=machine_description(torch.device("cpu")), started=time.strftime("%Y-%m-%d %H:%M:%S")))
+                            lr=args.lr, lora_lr=args.lora_lr, autocast=None if args.fp32 else "bfloat16", machine=machine_description(torch.device("cpu")), started=time.strftime("%Y-%m-%d %H:%M:%S")))
     trainable = sum(p.numel() for p in [*projector.parameters(), *lora.parameters()])
     print(f"training {trainable / 1e6:.2f} M parameters (projector + LoRA r={RANK}) from step {step}", flush=True)
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     with lora:
         while time.time() < deadline:
             t0 = time.time()
-            for group, base in zip(optimiser.param_groups, (args.lr, args.lr / 5)):
+            for group, base in zip(optimiser.param_groups, (args.lr, args.lora_lr)):
                 group["lr"] = base * min(1.0, (step + 1) / args.warmup)
             batch = data.batch("train", range(step * args.batch_size, (step + 1) * args.batch_size), rng)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):

