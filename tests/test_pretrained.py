@@ -143,3 +143,19 @@ def test_the_shipped_part_is_small_and_holds_every_trained_factor():
     assert all(shipped[f"lora.{f}.B"].abs().sum() > 0 for f in factors)  # trained (B starts at zero)
     log = json.loads((real.ASSETS / "train_log.json").read_text())
     assert log["steps"][-1]["step"] == len(log["steps"]) and log["evals"]
+
+
+def test_training_loss_from_shared_image_features_equals_the_stock_forward(assembled):
+    """train_real runs the tower once per step and feeds its projection to both losses; the answer loss on those
+    features equals LLaVA's own forward with ``pixel_values`` and ``labels``."""
+    from vlm_compress.bench.train_real import Conversations, answer_loss, tower_features
+
+    model, processor = assembled
+    data = Conversations(real.task(), processor, turns=2)
+    batch = data.batch("train", [0, 1], np.random.default_rng(0))
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(tower_features(model, batch["pixel_values"]))
+        ours = answer_loss(model, batch, projected)
+        stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)

@@ -48,3 +48,19 @@ def test_word_targets_average_token_embeddings_and_score_relative_squared_error(
     doubled = exact.clone()
     doubled[1] *= 2  # one empty patch off by its own norm: its error 1, the empty mean 0.5
     assert abs(float(targets.loss(doubled[None], words)) - 0.5) < 1e-6
+
+
+def test_learning_rate_warms_up_from_the_optimisers_start_and_decays_along_a_cosine_over_the_run():
+    from types import SimpleNamespace
+
+    from vlm_compress.bench.train_real import learning_rate_factor
+
+    flat = SimpleNamespace(warmup=10, cosine=False, steps=0)
+    assert learning_rate_factor(0, 0, 0, flat) == 0.1 and learning_rate_factor(9, 0, 0, flat) == 1.0
+    assert learning_rate_factor(504, 500, 500, flat) == 0.5  # a new optimiser warms up again
+    assert learning_rate_factor(504, 500, 0, flat) == 1.0  # a resumed one does not
+    cosine = SimpleNamespace(warmup=1, cosine=True, steps=100)
+    assert learning_rate_factor(500, 500, 0, cosine) == 1.0
+    assert abs(learning_rate_factor(550, 500, 0, cosine) - 0.55) < 1e-12  # halfway: (1 + 0.1) / 2
+    assert abs(learning_rate_factor(600, 500, 0, cosine) - 0.1) < 1e-12
+    assert abs(learning_rate_factor(700, 500, 0, cosine) - 0.1) < 1e-12  # past the horizon it stays at a tenth

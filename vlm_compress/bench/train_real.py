@@ -166,16 +166,22 @@ class WordTargets:
         return error[objects].mean() + error[~objects].mean()
 
 
-def projected_images(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """``[B, 144, D]`` the projector's output for ``pixel_values`` (the tower's layer −2 without CLS, as LLaVA reads)."""
-    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
-    return model.model.multi_modal_projector(hidden[real.FEATURE_LAYER][:, 1:])
+def tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``[B, 144, C]`` the frozen tower's layer −2 without CLS, as LLaVA reads it (no gradient: the tower is frozen)."""
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    return hidden[real.FEATURE_LAYER][:, 1:]
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the labelled tokens, the LM head applied only where a label is (49k-way logits are costly)."""
-    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      pixel_values=batch["pixel_values"])
+def answer_loss(model, batch: dict[str, torch.Tensor], projected: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the labelled tokens given the projector's output ``projected`` [B, 144, D] (computed once
+    per step and shared with the alignment loss), the LM head applied only where a label is (49k-way logits are
+    costly). The image tokens' embeddings are replaced by ``projected`` in order, as LLaVA's forward does."""
+    ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    slots = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(slots, projected.to(embeds.dtype))
+    out = model.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
     hidden = out.last_hidden_state[:, :-1]
     targets = batch["labels"][:, 1:]
     keep = targets != -100
@@ -212,8 +218,8 @@ def align_projector(model, data: Conversations, targets: WordTargets, args, rng)
         first = 10_000_000 + step * args.align_batch  # far from the answer steps' indices
         samples = [data.task.sample_at("train", i) for i in range(first, first + args.align_batch)]
         pixels = data.processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
-            hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[real.FEATURE_LAYER][:, 1:]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
+            hidden = tower_features(model, pixels)
         loss = targets.loss(projector(hidden.float()), patch_words(samples))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -223,6 +229,16 @@ def align_projector(model, data: Conversations, targets: WordTargets, args, rng)
             log.append(dict(step=step + 1, loss=round(value, 4), seconds=round(time.time() - start, 1)))
             print(f"align step {step + 1} loss {value:.4f}", flush=True)
     return log
+
+
+def learning_rate_factor(step: int, run_start: int, optimiser_start: int, args) -> float:
+    """The multiplier of both learning rates at ``step``: a linear warm-up over ``args.warmup`` steps from
+    ``optimiser_start`` (where the optimiser's moments began), then 1; with ``args.cosine`` times a cosine from 1
+    to 0.1 over this run's ``args.steps`` from ``run_start``."""
+    factor = min(1.0, (step - optimiser_start + 1) / args.warmup)
+    if args.cosine:
+        factor *= 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - run_start) / args.steps)))
+    return factor
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,7 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--turns", type=int, default=12, help="questions per image")
     parser.add_argument("--lr", type=float, default=1e-3, help="projector learning rate")
     parser.add_argument("--lora-lr", type=float, default=5e-4, help="LoRA learning rate")
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=30, help="linear warm-up steps (again after --from-parts: its optimiser is new)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="answer steps in this run (0: until --minutes runs out); the horizon of --cosine")
+    parser.add_argument("--cosine", action="store_true",
+                        help="decay both learning rates along a cosine to a tenth over this run's --steps")
     parser.add_argument("--align-weight", type=float, default=1.0,
                         help="weight of the alignment loss beside the answer loss in every step (WordTargets)")
     parser.add_argument("--align-steps", type=int, default=300,
@@ -249,7 +269,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp32", action="store_true",
                         help="train in float32 (default: bfloat16 autocast, about twice as fast on a CPU with AVX512-BF16)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--from-parts", metavar="DIR", default=None,
+                        help="go on from a parts.safetensors + train_log.json (e.g. the shipped ones) when the --resume "
+                             "state is gone: the weights and the step count carry over, the optimiser starts afresh")
     args = parser.parse_args(argv)
+    if args.resume and args.from_parts:
+        parser.error("--resume and --from-parts both say where to start: give one")
+    if args.cosine and not args.steps:
+        parser.error("--cosine needs --steps (its horizon)")
     torch.set_num_threads(args.threads)
     out, state_path = Path(args.out), Path(args.state)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,12 +299,23 @@ def main(argv: list[str] | None = None) -> None:
         lora.load(saved["lora"])
         optimiser.load_state_dict(saved["optimiser"])
         step, log = saved["step"], saved["log"]
+    elif args.from_parts:
+        source = Path(args.from_parts)
+        parts = real.read_parts(source / "parts.safetensors")
+        if parts is None:
+            parser.error(f"--from-parts: no parts.safetensors in {source}")
+        projector.load_state_dict({k[len("projector."):]: v for k, v in parts.items() if k.startswith("projector.")})
+        lora.load(parts)
+        log = json.loads((source / "train_log.json").read_text())
+        step = max([s["step"] for s in log["steps"]], default=0)
+    first_step = step
     task = real.task()
     data = Conversations(task, processor, args.turns)
     rng = np.random.default_rng([7, step])
     log["runs"].append(dict(start_step=step, minutes=args.minutes, batch_size=args.batch_size, turns=args.turns,
                             lr=args.lr, lora_lr=args.lora_lr, align_weight=args.align_weight,
-                            align_steps=args.align_steps, align_batch=args.align_batch, autocast=None if args.fp32 else "bfloat16", machine=machine_description(torch.device("cpu")), started=time.strftime("%Y-%m-%d %H:%M:%S")))
+                            align_steps=args.align_steps, align_batch=args.align_batch, steps=args.steps,
+                            cosine=args.cosine, from_parts=args.from_parts, autocast=None if args.fp32 else "bfloat16", machine=machine_description(torch.device("cpu")), started=time.strftime("%Y-%m-%d %H:%M:%S")))
     trainable = sum(p.numel() for p in [*projector.parameters(), *lora.parameters()])
     print(f"training {trainable / 1e6:.2f} M parameters (projector + LoRA r={RANK}) from step {step}", flush=True)
 
@@ -300,14 +338,16 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
     model.train()
     with lora:
-        while time.time() < deadline:
+        while time.time() < deadline and not (args.steps and step - first_step >= args.steps):
             t0 = time.time()
+            factor = learning_rate_factor(step, first_step, first_step if args.from_parts else 0, args)
             for group, base in zip(optimiser.param_groups, (args.lr, args.lora_lr)):
-                group["lr"] = base * min(1.0, (step + 1) / args.warmup)
+                group["lr"] = base * factor
             batch = data.batch("train", range(step * args.batch_size, (step + 1) * args.batch_size), rng)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
-                answer = answer_loss(model, batch)
-                align = targets.loss(projected_images(model, batch["pixel_values"]), batch["patch_words"])
+                projected = model.model.multi_modal_projector(tower_features(model, batch["pixel_values"]))
+                answer = answer_loss(model, batch, projected)
+                align = targets.loss(projected, batch["patch_words"])
                 loss = answer + args.align_weight * align
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
