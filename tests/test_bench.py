@@ -314,3 +314,4 @@ def test_built_model_names_resolve_and_the_task_json_prompt_is_the_default(tmp_p
     settings = json.loads(stem.with_suffix(".rows.jsonl").read_text().splitlines()[0])["settings"]
     assert settings["prompt"] == prompt
     assert [r["method"] for r in json.loads(stem.with_suffix(".json").read_text())["rows"]] == ["none", "random", "random"]
+    assert stem.with_suffix(".md").read_text().startswith("# Benchmark: tiny-real-llava on ")

@@ -379,7 +379,7 @@ def _progress(total: int):
 def to_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        f"# Benchmark: {Path(result['model']).name} on {result['dataset']}",
+        f"# Benchmark: {result.get('label') or Path(result['model']).name} on {result['dataset']}",
         "",
         f"Command: `{result['command']}`  ",
         f"Machine: {m['cpu']} ({m['device']}), {m['threads']} threads, torch {m['torch']}, {m['dtype']}.  ",
@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
             result = run(args, path, stem)
         except SettingsMismatch as err:
             parser.error(str(err))
-        result["seconds"] = round(time.time() - start, 1)
+        result["label"], result["seconds"] = label, round(time.time() - start, 1)
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
         stem.with_suffix(".md").write_text(to_markdown(result))
