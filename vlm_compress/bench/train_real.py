@@ -2,6 +2,8 @@
 
     python -m vlm_compress.bench.train_real --minutes 60            # fresh
     python -m vlm_compress.bench.train_real --minutes 60 --resume   # go on from the last checkpoint
+    python -m vlm_compress.bench.train_real --from-parts vlm_compress/assets/tiny-real-llava --steps 450 --cosine
+                                        # go on from the shipped part (new optimiser), decaying to a tenth
 
 The DINOv2 tower and SmolLM2's weights stay frozen (LLaVA-1.5's stage-1 recipe, Liu et al., arXiv 2310.03744, §4.2,
 plus LoRA, Hu et al., arXiv 2106.09685, on q/k/v/o of every layer: rank 8, α 16, B = 0 at the start, so training
